@@ -1,0 +1,40 @@
+"""The daemon's exceptions, all derived from :class:`PoisonwatchError`.
+
+``detectors`` raises plain ``ValueError`` for invalid arguments, as numerical
+libraries do, and ``storage`` reports schema state as values, so the one root
+lives here, where the daemon turns both into these errors.
+"""
+
+from __future__ import annotations
+
+
+class PoisonwatchError(Exception):
+    """Root of every error poisonwatch raises on purpose."""
+
+
+class ConfigError(PoisonwatchError):
+    """The configuration file or an environment override is invalid."""
+
+
+class LoaderError(PoisonwatchError):
+    """A model loader could not be found, or returned something unusable."""
+
+
+class DatabaseNotMigratedError(PoisonwatchError):
+    """The database schema is not at the revision this version of poisonwatch needs."""
+
+    def __init__(self, current: str | None, expected: str) -> None:
+        self.current = current
+        self.expected = expected
+        super().__init__(
+            f"database schema is at revision {current or 'none (empty database)'}, "
+            f"expected {expected}: run 'poisonwatch db upgrade --config FILE' first"
+        )
+
+
+class UnknownModelError(PoisonwatchError):
+    """A request named a model that is not in the configuration."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        super().__init__(f"model {model!r} not found; configured models are listed in the config's [[models]] tables")
