@@ -1,0 +1,184 @@
+"""The ``poisonwatch`` command line: serve, demo, db and incidents.
+
+Results go to standard output; logs go to standard error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from monitor.config import load_config
+from monitor.errors import PoisonwatchError
+
+logger = logging.getLogger("monitor")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("alembic", "apscheduler", "httpx", "jax", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    # Unwind through the same path as Ctrl-C, so the scheduler and server stop cleanly.
+    raise KeyboardInterrupt
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from monitor.daemon import Daemon
+
+    config = load_config(args.config)
+    daemon = Daemon(config)
+    daemon.start()
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    logger.info("serving on %s", daemon.base_url)
+    try:
+        daemon.wait()
+    except KeyboardInterrupt:
+        logger.info("shutting down")
+    finally:
+        daemon.stop()
+    return 0
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from storage import migrations
+    from storage.db import masked_url
+
+    config = load_config(args.config)
+    migrations.upgrade(config.database.url, args.revision)
+    print(f"database {masked_url(config.database.url)} is at revision {args.revision}")
+    return 0
+
+
+def _db_downgrade(args: argparse.Namespace) -> int:
+    from storage import migrations
+    from storage.db import masked_url
+
+    config = load_config(args.config)
+    migrations.downgrade(config.database.url, args.revision)
+    print(f"database {masked_url(config.database.url)} is at revision {args.revision}")
+    return 0
+
+
+def _incidents_list(args: argparse.Namespace) -> int:
+    from monitor.api import incident_summary
+    from storage import queries
+    from storage.db import create_db_engine, create_session_factory
+    from storage.models import IncidentState
+
+    config = load_config(args.config)
+    session_factory = create_session_factory(create_db_engine(config.database.url))
+    with session_factory() as session:
+        state = IncidentState(args.state) if args.state else None
+        incidents = [incident_summary(i) for i in queries.list_incidents(session, state=state, limit=args.limit)]
+    if args.json:
+        print(json.dumps([incident.model_dump() for incident in incidents], indent=2))
+        return 0
+    from monitor.report import print_incident_table
+
+    print_incident_table(incidents)
+    return 0
+
+
+def _incidents_show(args: argparse.Namespace) -> int:
+    from monitor.api import incident_detail
+    from storage import queries
+    from storage.db import create_db_engine, create_session_factory
+
+    config = load_config(args.config)
+    session_factory = create_session_factory(create_db_engine(config.database.url))
+    with session_factory() as session:
+        incident = queries.get_incident(session, args.id)
+        if incident is None:
+            print(f"incident {args.id} not found", file=sys.stderr)
+            return 1
+        detail = incident_detail(incident)
+    if args.json:
+        print(detail.model_dump_json(indent=2))
+        return 0
+    from monitor.report import print_incident
+
+    print_incident(detail)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from monitor.demo import DemoOptions, run_demo
+
+    options = DemoOptions(
+        workdir=args.workdir,
+        once=args.once,
+        json_output=args.json,
+        seed=args.seed,
+        train_steps=args.train_steps,
+        port=args.port,
+        timeout_seconds=args.timeout,
+    )
+    return run_demo(options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="poisonwatch", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        command.add_argument("--config", help="TOML config file; defaults apply when omitted")
+        return command
+
+    serve = with_config(commands.add_parser("serve", help="run the HTTP API and the job scheduler"))
+    serve.set_defaults(handler=_serve)
+
+    demo = commands.add_parser("demo", help="plant a targeted poisoning on digits and let the daemon catch it")
+    demo.add_argument("--workdir", default="poisonwatch-demo", help="folder for the model, data and SQLite database")
+    demo.add_argument("--once", action="store_true", help="exit after the incident is analyzed")
+    demo.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data split, the training and the attack")
+    demo.add_argument("--train-steps", type=int, default=None, help="optimizer steps per training run")
+    demo.add_argument("--port", type=int, default=8000, help="port of the HTTP API; 0 picks a free one")
+    demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the analysis")
+    demo.set_defaults(handler=_demo)
+
+    db = commands.add_parser("db", help="database schema migrations").add_subparsers(dest="db_command", required=True)
+    upgrade = with_config(db.add_parser("upgrade", help="migrate the database to the newest schema"))
+    upgrade.add_argument("revision", nargs="?", default="head")
+    upgrade.set_defaults(handler=_db_upgrade)
+    downgrade = with_config(db.add_parser("downgrade", help="migrate the database down to a revision"))
+    downgrade.add_argument("revision", help="target revision; 'base' removes every table")
+    downgrade.set_defaults(handler=_db_downgrade)
+
+    incidents = commands.add_parser("incidents", help="inspect incidents").add_subparsers(dest="incidents_command", required=True)
+    listing = with_config(incidents.add_parser("list", help="list incidents, newest first"))
+    listing.add_argument("--state", help="only incidents in this state")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=_incidents_list)
+    show = with_config(incidents.add_parser("show", help="show one incident with its suspects"))
+    show.add_argument("id", type=int)
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=_incidents_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return args.handler(args)
+    except PoisonwatchError as error:
+        print(f"poisonwatch: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""One poisonwatch process: the HTTP API and, optionally, the job scheduler."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from importlib import metadata
+
+import jax
+import uvicorn
+from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine
+
+from monitor.api import ApiState, create_app
+from monitor.config import Config
+from monitor.errors import DatabaseNotMigratedError
+from monitor.jobs import JobContext
+from monitor.metrics import Metrics
+from monitor.registry import ModelRegistry
+from monitor.scheduler import build_scheduler, release_unfinished_work
+from storage import migrations
+from storage.db import create_db_engine, create_session_factory, masked_url
+
+logger = logging.getLogger(__name__)
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise :class:`DatabaseNotMigratedError` unless the database is at the newest revision."""
+    current = migrations.current_revision(engine)
+    expected = migrations.head_revision()
+    if current != expected:
+        raise DatabaseNotMigratedError(current, expected)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Daemon:
+    """Owns the engine, metrics, loaded models, scheduler and HTTP server of one process.
+
+    Lifecycle: construct, :meth:`start` (checks the schema, loads models,
+    starts the scheduler and the server thread), then :meth:`stop`.
+    """
+
+    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.engine = create_db_engine(config.database.url)
+        self.session_factory = create_session_factory(self.engine)
+        model_names = [model.name for model in config.models]
+        self.metrics = Metrics(registry or CollectorRegistry(), model_names, self.session_factory)
+        self.metrics.build_info.info(
+            {
+                "version": metadata.version("poisonwatch"),
+                "jax_version": jax.__version__,
+                "backend": jax.default_backend(),
+                "devices": str(jax.device_count()),
+            }
+        )
+        self.models = ModelRegistry(config, self.session_factory)
+        self.api_state = ApiState(config=config, session_factory=self.session_factory, metrics=self.metrics)
+        self.app = create_app(self.api_state)
+        self.context = JobContext(config, self.session_factory, self.models, self.metrics)
+        self.scheduler = None
+        self._server: uvicorn.Server | None = None
+        self._server_thread: threading.Thread | None = None
+
+    def start(self, *, serve_http: bool = True) -> None:
+        check_schema(self.engine)
+        logger.info(
+            "starting poisonwatch on %s with JAX backend %s (%d devices)",
+            masked_url(self.config.database.url),
+            jax.default_backend(),
+            jax.device_count(),
+        )
+        if not is_loopback(self.config.server.host):
+            # TODO: require a bearer token for writes on non-loopback binds; until then, warn.
+            logger.warning("API bound to non-loopback address %s without authentication", self.config.server.host)
+        self.models.load_all()
+        if self.config.scheduler.enabled:
+            release_unfinished_work(self.context)
+            self.scheduler = build_scheduler(self.context)
+            self.scheduler.start()
+            self.api_state.scheduler_running = True
+        if serve_http:
+            self._start_server()
+
+    def _start_server(self) -> None:
+        config = uvicorn.Config(
+            self.app,
+            host=self.config.server.host,
+            port=self.config.server.port,
+            log_level="warning",
+            access_log=False,
+        )
+        self._server = uvicorn.Server(config)
+        self._server_thread = threading.Thread(target=self._server.run, name="poisonwatch-http", daemon=True)
+        self._server_thread.start()
+        while not self._server.started:
+            if not self._server_thread.is_alive():
+                raise RuntimeError(f"HTTP server failed to start on {self.config.server.host}:{self.config.server.port}")
+            threading.Event().wait(0.05)
+
+    @property
+    def base_url(self) -> str:
+        """The URL the HTTP server listens on, with the real port when the config asked for port 0."""
+        assert self._server is not None, "server not started"
+        socket = self._server.servers[0].sockets[0]
+        host, port = socket.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def wait(self) -> None:
+        """Block until the HTTP server stops (for example on SIGINT or SIGTERM)."""
+        if self._server_thread is not None:
+            while self._server_thread.is_alive():
+                self._server_thread.join(0.5)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            if self._server_thread is not None:
+                self._server_thread.join(10)
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+            self.api_state.scheduler_running = False
+        self.engine.dispose()
+        logger.info("poisonwatch stopped")

@@ -1,0 +1,147 @@
+"""Request and response bodies of the HTTP API (``/v1``).
+
+Checks that need no model metadata live here, as pydantic validators; checks
+against a model's input shape and class count live in :mod:`monitor.api`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+# How far the probabilities of one prediction may sum from 1.
+PROBABILITY_SUM_TOLERANCE = 1e-3
+MAX_INPUT_DIMENSIONS = 8
+
+Identifier = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[\x21-\x7e]+$")]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class InputArray(_Body):
+    """A float array given inline: its shape and its values in C order."""
+
+    shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=MAX_INPUT_DIMENSIONS)
+    data: list[float]
+
+    @model_validator(mode="after")
+    def _size_matches_shape(self) -> InputArray:
+        expected = math.prod(self.shape)
+        if len(self.data) != expected:
+            raise ValueError(f"data has {len(self.data)} values, expected {expected} for shape {self.shape}")
+        return self
+
+
+class PredictionIn(_Body):
+    """One prediction as the serving application reports it."""
+
+    prediction_id: Identifier
+    model_version: Identifier | None = Field(None, description="Defaults to the model's current version.")
+    timestamp: AwareDatetime | None = Field(None, description="When the prediction was made; defaults to receipt time.")
+    predicted_class: int = Field(ge=0)
+    probabilities: list[Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(
+        None, description="Class probabilities, summing to 1; give these or 'confidence'."
+    )
+    confidence: float | None = Field(None, ge=0.0, le=1.0, description="Probability of the predicted class.")
+    input: InputArray
+
+    @model_validator(mode="after")
+    def _probabilities_consistent(self) -> PredictionIn:
+        if self.probabilities is None:
+            if self.confidence is None:
+                raise ValueError("give 'probabilities' or 'confidence'; both are missing")
+            return self
+        total = sum(self.probabilities)
+        if abs(total - 1.0) > PROBABILITY_SUM_TOLERANCE:
+            raise ValueError(f"probabilities sum to {total:.6g}, expected 1 within {PROBABILITY_SUM_TOLERANCE}")
+        if self.predicted_class >= len(self.probabilities):
+            raise ValueError(
+                f"predicted_class {self.predicted_class} is out of range for {len(self.probabilities)} probabilities"
+            )
+        implied = self.probabilities[self.predicted_class]
+        if self.confidence is not None and abs(self.confidence - implied) > PROBABILITY_SUM_TOLERANCE:
+            raise ValueError(
+                f"confidence {self.confidence} differs from probabilities[{self.predicted_class}] = {implied}"
+            )
+        return self
+
+    @property
+    def effective_confidence(self) -> float:
+        if self.probabilities is not None:
+            return self.probabilities[self.predicted_class]
+        assert self.confidence is not None
+        return self.confidence
+
+
+class PredictionBatch(_Body):
+    predictions: list[PredictionIn] = Field(min_length=1)
+
+
+class LabelIn(_Body):
+    prediction_id: Identifier
+    label: int = Field(ge=0)
+
+
+class LabelBatch(_Body):
+    labels: list[LabelIn] = Field(min_length=1)
+
+
+class WriteResult(BaseModel):
+    """Outcome of a committed write: new rows and repeats of stored rows."""
+
+    accepted: int
+    duplicates: int
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    detail: str
+    errors: list[FieldError] = []
+
+
+class Suspect(BaseModel):
+    rank: int
+    example_id: str
+    score: float
+    label: int
+    source: str
+    content_hash: str
+
+
+class IncidentSummary(BaseModel):
+    id: int
+    model: str
+    model_version: str
+    prediction_id: str
+    state: str
+    true_label: int
+    predicted_class: int
+    confidence: float
+    opened_at: str
+    updated_at: str
+
+
+class SolverDiagnostics(BaseModel):
+    iterations: int | None
+    relative_residual: float | None
+    converged: bool | None
+    damping: float | None
+    seconds: float | None
+
+
+class IncidentDetail(IncidentSummary):
+    attempts: int
+    failure_reason: str | None
+    ranking_reliable: bool | None = Field(description="False when the inverse-HVP solve did not converge.")
+    solver: SolverDiagnostics
+    input_shape: list[int]
+    input: list[float]
+    suspects: list[Suspect]

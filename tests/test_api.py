@@ -1,0 +1,279 @@
+"""Ingestion API: bad input is rejected with a named field and stores nothing; repeats are idempotent."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from sqlalchemy import func, select
+
+from monitor.api import ApiState
+from storage.models import Label, Prediction
+from tests.conftest import INPUT_SHAPE, MODEL, NUM_CLASSES
+
+PREDICTIONS = f"/v1/models/{MODEL}/predictions"
+LABELS = f"/v1/models/{MODEL}/labels"
+
+
+def prediction(prediction_id: str = "p-1", **overrides) -> dict:
+    body = {
+        "prediction_id": prediction_id,
+        "predicted_class": 1,
+        "probabilities": [0.05, 0.9, 0.05],
+        "input": {"shape": list(INPUT_SHAPE), "data": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]},
+    }
+    body.update(overrides)
+    return body
+
+
+def stored_counts(state: ApiState) -> tuple[int, int]:
+    with state.session_factory() as session:
+        predictions = session.scalar(select(func.count(Prediction.id)))
+        labels = session.scalar(select(func.count(Label.id)))
+    return predictions, labels
+
+
+def rejected(state: ApiState, endpoint: str, reason: str) -> float:
+    return state.metrics.registry.get_sample_value(
+        "poisonwatch_requests_rejected_total", {"endpoint": endpoint, "reason": reason}
+    )
+
+
+def test_predictions_accepted_and_counted(client, api_state):
+    response = client.post(PREDICTIONS, json={"predictions": [prediction("a"), prediction("b")]})
+    assert response.status_code == 200
+    assert response.json() == {"accepted": 2, "duplicates": 0}
+    assert stored_counts(api_state) == (2, 0)
+    ingested = api_state.metrics.registry.get_sample_value("poisonwatch_predictions_ingested_total", {"model": MODEL})
+    assert ingested == 2
+
+
+def test_confidence_alone_is_enough(client, api_state):
+    body = prediction(probabilities=None, confidence=0.97)
+    del body["probabilities"]
+    response = client.post(PREDICTIONS, json={"predictions": [body]})
+    assert response.status_code == 200
+    with api_state.session_factory() as session:
+        stored = session.scalar(select(Prediction))
+    assert stored.confidence == pytest.approx(0.97)
+    assert stored.probabilities is None
+
+
+def test_repeated_prediction_is_idempotent(client, api_state):
+    first = client.post(PREDICTIONS, json={"predictions": [prediction("a")]})
+    second = client.post(PREDICTIONS, json={"predictions": [prediction("a"), prediction("b")]})
+    assert first.json() == {"accepted": 1, "duplicates": 0}
+    assert second.status_code == 200
+    assert second.json() == {"accepted": 1, "duplicates": 1}
+    assert stored_counts(api_state) == (2, 0)
+
+
+def test_repeat_with_other_content_conflicts(client, api_state):
+    client.post(PREDICTIONS, json={"predictions": [prediction("a")]})
+    changed = prediction("a", predicted_class=0, probabilities=[0.9, 0.05, 0.05])
+    response = client.post(PREDICTIONS, json={"predictions": [prediction("new"), changed]})
+    assert response.status_code == 409
+    assert "a" in response.json()["detail"]
+    assert stored_counts(api_state) == (1, 0)
+    assert rejected(api_state, "predictions", "conflict") == 1
+
+
+def test_repeat_within_one_batch_conflicts(client, api_state):
+    changed = prediction("a", predicted_class=0, probabilities=[0.9, 0.05, 0.05])
+    response = client.post(PREDICTIONS, json={"predictions": [prediction("a"), changed]})
+    assert response.status_code == 409
+    assert stored_counts(api_state) == (0, 0)
+
+
+def test_malformed_json_rejected(client, api_state):
+    response = client.post(PREDICTIONS, content=b'{"predictions": [', headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["detail"]
+    assert rejected(api_state, "predictions", "malformed") == 1
+
+
+@pytest.mark.parametrize(
+    ("body_json", "field"),
+    [
+        pytest.param(
+            '{"predictions": [{"prediction_id": "p", "predicted_class": 1, "probabilities": [NaN, 0.9, 0.1],'
+            ' "input": {"shape": [2, 3], "data": [0, 0, 0, 0, 0, 0]}}]}',
+            "predictions[0].probabilities[0]",
+            id="nan-probability",
+        ),
+        pytest.param(
+            '{"predictions": [{"prediction_id": "p", "predicted_class": 1, "probabilities": [0.1, 0.8, 0.1],'
+            ' "input": {"shape": [2, 3], "data": [0, Infinity, 0, 0, 0, 0]}}]}',
+            "predictions[0].input.data[1]",
+            id="infinite-input",
+        ),
+        pytest.param(
+            '{"predictions": [{"prediction_id": "p", "predicted_class": 1, "confidence": NaN,'
+            ' "input": {"shape": [2, 3], "data": [0, 0, 0, 0, 0, 0]}}]}',
+            "predictions[0].confidence",
+            id="nan-confidence",
+        ),
+    ],
+)
+def test_non_finite_values_rejected(client, api_state, body_json, field):
+    response = client.post(PREDICTIONS, content=body_json.encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    fields = [error["field"] for error in response.json()["errors"]]
+    assert field in fields
+    assert stored_counts(api_state) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        pytest.param({"probabilities": [0.2, 0.5, 0.1]}, "sum to 0.8", id="probabilities-not-normalized"),
+        pytest.param({"probabilities": [0.5, 0.6, -0.1]}, "greater than or equal to 0", id="negative-probability"),
+        pytest.param({"probabilities": None}, "give 'probabilities' or 'confidence'", id="no-confidence"),
+        pytest.param({"predicted_class": -1}, "greater than or equal to 0", id="negative-class"),
+        pytest.param({"confidence": 0.5}, "differs from probabilities[1]", id="confidence-disagrees"),
+        pytest.param({"prediction_id": ""}, "at least 1 character", id="empty-id"),
+        pytest.param({"input": {"shape": [2, 3], "data": [0.0] * 5}}, "5 values, expected 6", id="data-size"),
+        pytest.param({"extra": 1}, "Extra inputs are not permitted", id="unknown-field"),
+    ],
+)
+def test_invalid_prediction_names_problem(client, api_state, overrides, message):
+    body = prediction(**overrides)
+    if overrides.get("probabilities", "") is None:
+        del body["probabilities"]
+    response = client.post(PREDICTIONS, json={"predictions": [prediction("ok"), body]})
+    assert response.status_code == 422
+    assert message in response.json()["detail"]
+    assert response.json()["detail"].startswith("predictions[1]")
+    assert stored_counts(api_state) == (0, 0)
+    assert rejected(api_state, "predictions", "invalid_field") == 1
+
+
+def test_wrong_input_shape_rejected(client, api_state):
+    body = prediction(input={"shape": [3, 2], "data": [0.0] * 6})
+    response = client.post(PREDICTIONS, json={"predictions": [body]})
+    assert response.status_code == 422
+    assert "predictions[0].input.shape" in response.json()["detail"]
+    assert "expected [2, 3]" in response.json()["detail"]
+    assert stored_counts(api_state) == (0, 0)
+    assert rejected(api_state, "predictions", "wrong_shape") == 1
+
+
+def test_class_beyond_model_rejected(client, api_state):
+    body = prediction(predicted_class=NUM_CLASSES, probabilities=None, confidence=0.99)
+    del body["probabilities"]
+    response = client.post(PREDICTIONS, json={"predictions": [body]})
+    assert response.status_code == 422
+    assert "predictions[0].predicted_class" in response.json()["detail"]
+
+
+def test_probability_count_must_match_classes(client, api_state):
+    body = prediction(predicted_class=0, probabilities=[0.5, 0.5])
+    response = client.post(PREDICTIONS, json={"predictions": [body]})
+    assert response.status_code == 422
+    assert "2 values, expected 3" in response.json()["detail"]
+
+
+def test_input_over_size_limit_rejected(client, api_state):
+    body = prediction(input={"shape": [101], "data": [0.0] * 101})
+    response = client.post(PREDICTIONS, json={"predictions": [body]})
+    assert response.status_code == 422
+    assert stored_counts(api_state) == (0, 0)
+
+
+def test_unknown_model_rejected(client, api_state):
+    response = client.post("/v1/models/nope/predictions", json={"predictions": [prediction()]})
+    assert response.status_code == 404
+    assert "'nope' not found" in response.json()["detail"]
+    assert stored_counts(api_state) == (0, 0)
+    assert rejected(api_state, "predictions", "unknown_model") == 1
+
+
+def test_unknown_model_version_rejected(client, api_state):
+    response = client.post(PREDICTIONS, json={"predictions": [prediction(model_version="v9")]})
+    assert response.status_code == 422
+    assert "predictions[0].model_version" in response.json()["detail"]
+    assert stored_counts(api_state) == (0, 0)
+
+
+def test_oversize_batch_rejected(client, api_state):
+    batch = [prediction(f"p-{index}") for index in range(11)]
+    response = client.post(PREDICTIONS, json={"predictions": batch})
+    assert response.status_code == 413
+    assert "11 items, at most 10" in response.json()["detail"]
+    assert stored_counts(api_state) == (0, 0)
+    assert rejected(api_state, "predictions", "oversize_batch") == 1
+
+
+def test_empty_batch_rejected(client, api_state):
+    response = client.post(PREDICTIONS, json={"predictions": []})
+    assert response.status_code == 422
+    assert "predictions" in response.json()["detail"]
+
+
+def test_label_attached(client, api_state):
+    client.post(PREDICTIONS, json={"predictions": [prediction("a")]})
+    response = client.post(LABELS, json={"labels": [{"prediction_id": "a", "label": 2}]})
+    assert response.status_code == 200
+    assert response.json() == {"accepted": 1, "duplicates": 0}
+    assert stored_counts(api_state) == (1, 1)
+
+
+def test_label_for_unknown_prediction_rejected(client, api_state):
+    client.post(PREDICTIONS, json={"predictions": [prediction("a")]})
+    response = client.post(
+        LABELS, json={"labels": [{"prediction_id": "a", "label": 2}, {"prediction_id": "ghost", "label": 0}]}
+    )
+    assert response.status_code == 422
+    assert "ghost" in response.json()["detail"]
+    assert stored_counts(api_state) == (1, 0)
+    assert rejected(api_state, "labels", "unknown_prediction") == 1
+
+
+def test_repeated_label_is_idempotent(client, api_state):
+    client.post(PREDICTIONS, json={"predictions": [prediction("a")]})
+    client.post(LABELS, json={"labels": [{"prediction_id": "a", "label": 2}]})
+    again = client.post(LABELS, json={"labels": [{"prediction_id": "a", "label": 2}]})
+    other = client.post(LABELS, json={"labels": [{"prediction_id": "a", "label": 0}]})
+    assert again.json() == {"accepted": 0, "duplicates": 1}
+    assert other.status_code == 409
+    assert stored_counts(api_state) == (1, 1)
+
+
+def test_label_out_of_range_rejected(client, api_state):
+    client.post(PREDICTIONS, json={"predictions": [prediction("a")]})
+    response = client.post(LABELS, json={"labels": [{"prediction_id": "a", "label": NUM_CLASSES}]})
+    assert response.status_code == 422
+    assert "labels[0].label" in response.json()["detail"]
+    assert stored_counts(api_state) == (1, 0)
+
+
+def test_oversize_label_batch_rejected(client, api_state):
+    labels = [{"prediction_id": f"p-{index}", "label": 0} for index in range(11)]
+    response = client.post(LABELS, json={"labels": labels})
+    assert response.status_code == 413
+
+
+def test_stored_input_round_trips(client, api_state):
+    client.post(PREDICTIONS, json={"predictions": [prediction("a")]})
+    with api_state.session_factory() as session:
+        stored = session.scalar(select(Prediction))
+    assert stored.input_shape == list(INPUT_SHAPE)
+    assert len(stored.input_data) == 4 * math.prod(INPUT_SHAPE)
+
+
+def test_healthz_reports_ok(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok"
+
+
+def test_metrics_exposes_incident_gauges(client):
+    text = client.get("/metrics").text
+    assert 'poisonwatch_incidents{model="toy",state="open"} 0.0' in text
+    assert "poisonwatch_stored_results_up 1.0" in text
+
+
+def test_incident_not_found(client):
+    response = client.get("/v1/incidents/12345")
+    assert response.status_code == 404
+    assert "12345" in response.json()["detail"]
