@@ -362,6 +362,7 @@ def incident_detail(incident: Incident) -> schemas.IncidentDetail:
             iterations=incident.solver_iterations,
             relative_residual=_finite_or_none(incident.solver_residual),
             converged=incident.solver_converged,
+            negative_curvature=incident.solver_negative_curvature,
             damping=incident.solver_damping,
             seconds=incident.analysis_seconds,
         ),

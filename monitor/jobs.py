@@ -151,6 +151,7 @@ def analyze_incident(context: JobContext, incident_id: int) -> None:
             iterations=report.iterations,
             residual=report.residual,
             converged=report.converged,
+            negative_curvature=report.negative_curvature,
             damping=report.damping,
             seconds=seconds,
         )
@@ -158,11 +159,12 @@ def analyze_incident(context: JobContext, incident_id: int) -> None:
     if not report.converged:
         context.metrics.influence_unconverged.labels(model=version.model).inc()
         logger.warning(
-            "incident %d: inverse-HVP did not converge (%d iterations, relative residual %.3g); "
+            "incident %d: inverse-HVP did not converge (%d iterations, relative residual %.3g%s); "
             "its ranking is unreliable",
             incident_id,
             report.iterations,
             report.residual,
+            ", negative curvature: raise the damping" if report.negative_curvature else "",
         )
     logger.info("analyzed incident %d in %.2f s", incident_id, seconds)
 

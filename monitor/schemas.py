@@ -133,6 +133,7 @@ class SolverDiagnostics(BaseModel):
     iterations: int | None
     relative_residual: float | None
     converged: bool | None
+    negative_curvature: bool | None = Field(description="True when CG met p.Hp <= 0: the damped Hessian is indefinite.")
     damping: float | None
     seconds: float | None
 

@@ -205,6 +205,7 @@ class Incident(Base):
     solver_residual: Mapped[float | None] = mapped_column(Float, nullable=True)
     solver_converged: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     solver_damping: Mapped[float | None] = mapped_column(Float, nullable=True)
+    solver_negative_curvature: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     analysis_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     prediction: Mapped[Prediction] = relationship()

@@ -296,6 +296,7 @@ def store_analysis(
     iterations: int,
     residual: float,
     converged: bool,
+    negative_curvature: bool,
     damping: float,
     seconds: float,
 ) -> None:
@@ -311,6 +312,7 @@ def store_analysis(
     incident.solver_residual = residual
     incident.solver_converged = converged
     incident.solver_damping = damping
+    incident.solver_negative_curvature = negative_curvature
     incident.analysis_seconds = seconds
     incident.failure_reason = None
     incident.claimed_by = None

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
+from sqlalchemy import text
 
 from monitor.api import ApiState, create_app
 from monitor.config import Config, DatabaseConfig, ModelConfig, ServerConfig
@@ -71,9 +72,27 @@ def client(api_state: ApiState) -> Iterator[TestClient]:
         yield test_client
 
 
+def _reset_postgres(url: str) -> None:
+    engine = create_db_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
 @pytest.fixture
 def postgres_url() -> str:
+    """URL of an emptied PostgreSQL database; skips when none is configured."""
     url = os.environ.get(POSTGRES_URL_VARIABLE)
     if not url:
         pytest.skip(f"{POSTGRES_URL_VARIABLE} is not set; .ci/run sets it to the local PostgreSQL server")
+    _reset_postgres(url)
     return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database of each backend, for the storage contract suite."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'contract.db'}"
+    return request.getfixturevalue("postgres_url")

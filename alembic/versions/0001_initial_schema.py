@@ -107,6 +107,7 @@ def upgrade() -> None:
     sa.Column('solver_residual', sa.Float(), nullable=True),
     sa.Column('solver_converged', sa.Boolean(), nullable=True),
     sa.Column('solver_damping', sa.Float(), nullable=True),
+    sa.Column('solver_negative_curvature', sa.Boolean(), nullable=True),
     sa.Column('analysis_seconds', sa.Float(), nullable=True),
     sa.ForeignKeyConstraint(['model_version_id'], ['model_versions.id'], name=op.f('fk_incidents_model_version_id_model_versions'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['prediction_pk'], ['predictions.id'], name=op.f('fk_incidents_prediction_pk_predictions'), ondelete='CASCADE'),
