@@ -1,0 +1,140 @@
+"""The daemon on a toy model: start-up checks, jobs, and the HTTP flow from prediction to analysis."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from monitor import jobs
+from monitor.config import Config, DatabaseConfig, ModelConfig, SchedulerConfig, ServerConfig
+from monitor.daemon import Daemon
+from monitor.errors import DatabaseNotMigratedError
+from tests import toy_model
+
+MODEL = "toy"
+
+
+def toy_config(url: str, *, scheduler: bool) -> Config:
+    return Config(
+        database=DatabaseConfig(url=url),
+        server=ServerConfig(port=0),
+        scheduler=SchedulerConfig(
+            enabled=scheduler, incident_scan_interval_seconds=0.2, influence_interval_seconds=0.2
+        ),
+        models=[ModelConfig(name=MODEL, loader="tests.toy_model:load")],
+    )
+
+
+def post_misclassification(client: httpx.Client, prediction_id: str = "p-1") -> None:
+    x, _ = toy_model.make_data(5, 1)
+    body = {
+        "predictions": [
+            {
+                "prediction_id": prediction_id,
+                "predicted_class": 0,
+                "probabilities": [0.96, 0.02, 0.02],
+                "input": {"shape": list(toy_model.INPUT_SHAPE), "data": x.ravel().tolist()},
+            }
+        ]
+    }
+    client.post(f"/v1/models/{MODEL}/predictions", json=body).raise_for_status()
+    client.post(f"/v1/models/{MODEL}/labels", json={"labels": [{"prediction_id": prediction_id, "label": 2}]}).raise_for_status()
+
+
+def test_start_rejects_unmigrated_database(sqlite_url):
+    daemon = Daemon(toy_config(sqlite_url, scheduler=False), registry=CollectorRegistry())
+    with pytest.raises(DatabaseNotMigratedError, match="poisonwatch db upgrade"):
+        daemon.start(serve_http=False)
+    daemon.stop()
+
+
+def test_serve_command_names_upgrade(tmp_path):
+    config = tmp_path / "poisonwatch.toml"
+    config.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "fresh.db"}"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "monitor.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "poisonwatch db upgrade" in result.stderr
+
+
+def test_jobs_open_and_analyze_incident(migrated_url):
+    daemon = Daemon(toy_config(migrated_url, scheduler=False), registry=CollectorRegistry())
+    daemon.start()
+    try:
+        with httpx.Client(base_url=daemon.base_url) as client:
+            post_misclassification(client)
+            assert jobs.scan_incidents(daemon.context) == 1
+            assert jobs.analyze_incidents(daemon.context) == 1
+            incidents = client.get("/v1/incidents").json()
+            detail = client.get(f"/v1/incidents/{incidents[0]['id']}").json()
+    finally:
+        daemon.stop()
+    assert detail["state"] == "analyzed"
+    assert detail["solver"]["converged"] is True
+    assert len(detail["suspects"]) == 10
+    scores = [suspect["score"] for suspect in detail["suspects"]]
+    assert scores == sorted(scores)
+    assert detail["true_label"] == 2
+
+
+def test_heldout_job_sets_accuracy_gauge(migrated_url):
+    daemon = Daemon(toy_config(migrated_url, scheduler=False), registry=CollectorRegistry())
+    daemon.start(serve_http=False)
+    try:
+        jobs.evaluate_heldout(daemon.context)
+        accuracy = daemon.metrics.registry.get_sample_value(
+            "poisonwatch_heldout_accuracy_ratio", {"model": MODEL, "version": "1"}
+        )
+    finally:
+        daemon.stop()
+    assert accuracy is not None
+    assert 0.8 <= accuracy <= 1.0
+
+
+def test_failed_analysis_stores_reason(migrated_url):
+    daemon = Daemon(toy_config(migrated_url, scheduler=False), registry=CollectorRegistry())
+    daemon.start()
+    try:
+        name, version_id, bundle = daemon.models.items()[0]
+        broken = {"w": np.full_like(bundle.params["w"], np.nan), "b": bundle.params["b"]}
+        daemon.models._bundles[name] = type(bundle)(**{**bundle.__dict__, "params": broken})
+        with httpx.Client(base_url=daemon.base_url) as client:
+            post_misclassification(client)
+            jobs.scan_incidents(daemon.context)
+            jobs.analyze_incidents(daemon.context)
+            incident = client.get("/v1/incidents").json()[0]
+            detail = client.get(f"/v1/incidents/{incident['id']}").json()
+    finally:
+        daemon.stop()
+    assert detail["state"] == "failed"
+    assert "non-finite" in detail["failure_reason"]
+
+
+def test_scheduler_analyzes_without_help(migrated_url):
+    daemon = Daemon(toy_config(migrated_url, scheduler=True), registry=CollectorRegistry())
+    daemon.start()
+    try:
+        with httpx.Client(base_url=daemon.base_url) as client:
+            post_misclassification(client)
+            deadline = time.monotonic() + 60
+            state = None
+            while time.monotonic() < deadline and state != "analyzed":
+                incidents = client.get("/v1/incidents").json()
+                state = incidents[0]["state"] if incidents else None
+                time.sleep(0.2)
+            metrics = client.get("/metrics").text
+    finally:
+        daemon.stop()
+    assert state == "analyzed"
+    assert 'poisonwatch_incidents{model="toy",state="analyzed"} 1.0' in metrics
+    assert 'poisonwatch_incidents_opened_total{model="toy"} 1.0' in metrics
