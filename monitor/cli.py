@@ -24,8 +24,11 @@ def _configure_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("alembic", "apscheduler", "httpx", "jax", "absl"):
+    for noisy in ("alembic", "httpx", "jax", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # APScheduler warns at every interval that a busy job skipped a run
+    # (max_instances=1 is deliberate); real job errors are logged by our listener.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> None:
