@@ -64,7 +64,12 @@ def _field_name(location: tuple[Any, ...]) -> str:
     parts = [str(part) for part in location if part != "body"]
     name = ""
     for part in parts:
-        name += f"[{part}]" if part.isdigit() else (f".{part}" if name else part)
+        if part.isdigit():
+            name += f"[{part}]"
+        elif name:
+            name += f".{part}"
+        else:
+            name = part
     return name or "body"
 
 
@@ -133,6 +138,7 @@ def create_app(state: ApiState) -> FastAPI:
 
     def prediction_record(index: int, item: schemas.PredictionIn, version: ModelVersion) -> queries.PredictionRecord:
         field = f"predictions[{index}]"
+
         expected_shape = list(version.input_shape)
         if item.input.shape != expected_shape:
             raise ApiError(
@@ -161,10 +167,12 @@ def create_app(state: ApiState) -> FastAPI:
                 f"{field}.probabilities: {len(item.probabilities)} values, expected {version.num_classes}",
                 [schemas.FieldError(field=f"{field}.probabilities", message=f"expected {version.num_classes} values")],
             )
+
         input_data = np.asarray(item.input.data, dtype="<f4")
         if not np.isfinite(input_data).all():
             raise ApiError(422, RejectReason.INVALID_FIELD, f"{field}.input.data: values overflow float32")
         probabilities = None if item.probabilities is None else np.asarray(item.probabilities, dtype="<f4").tobytes()
+
         digest = hashlib.sha256(
             json.dumps(
                 [
@@ -196,8 +204,8 @@ def create_app(state: ApiState) -> FastAPI:
             raise ApiError(413, RejectReason.OVERSIZE_BATCH, f"{what}: {size} items, at most {limit} per request")
 
     def write_with_retry(write):
-        # Two requests racing to insert the same new id: the loser's commit
-        # fails on the unique constraint; one retry then sees the stored row.
+        # When two requests race to insert the same new id, the loser's commit
+        # fails on the unique constraint. One retry then finds the stored row.
         try:
             return write()
         except IntegrityError:

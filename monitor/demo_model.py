@@ -13,9 +13,11 @@ ships with scikit-learn, so the demo needs no network.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
@@ -29,8 +31,8 @@ import numpy as np
 import optax
 from sklearn.datasets import load_digits
 
-from detectors.attacks import plant_dirty_label_attack
-from monitor.errors import LoaderError
+from detectors.attacks import AttackOutcome, plant_dirty_label_attack
+from monitor.errors import LoaderError, PoisonwatchError
 from monitor.loader import HeldOutSet, ModelBundle, TrainingSet
 
 # Version of the files that build_demo writes, checked by load.
@@ -39,11 +41,15 @@ DEMO_FORMAT_VERSION = 1
 INPUT_SHAPE = (8, 8)
 NUM_CLASSES = 10
 HIDDEN_SIZE = 64
-L2 = 1e-3
+# With l2 = 1e-3 the model stays too smooth for 8 near-copies to flip a
+# target with probability 0.9, so the demo trains with a weaker L2 term.
+L2 = 1e-4
 LEARNING_RATE = 1e-2
 DEFAULT_STEPS = 2000
 DEFAULT_NUM_POISONS = 8
-DEFAULT_EPSILON = 0.1
+# Less than one grey level of the digits (1/16), so the poisons are near-copies.
+DEFAULT_EPSILON = 0.05
+CRAFT_STEPS = 10
 CONFIDENCE_THRESHOLD = 0.9
 # How many production examples build_demo tries as the target before it gives up.
 MAX_TARGET_CANDIDATES = 5
@@ -245,3 +251,329 @@ def predict_proba(module: DigitsMLP, params: Any, x: np.ndarray) -> np.ndarray:
 def accuracy(module: DigitsMLP, params: Any, x: np.ndarray, y: np.ndarray) -> float:
     """Return the fraction of ``x`` that ``params`` classifies as ``y``."""
     return float(np.mean(predict_proba(module, params, x).argmax(axis=1) == y))
+
+
+def select_targets(
+    module: DigitsMLP, params: Any, production_x: np.ndarray, production_y: np.ndarray, limit: int
+) -> list[tuple[int, int]]:
+    """Pick up to ``limit`` targets for the attack, as ``(production index, attacker class)`` pairs.
+
+    A target is a production example that the clean model classifies correctly
+    with probability at least ``CONFIDENCE_THRESHOLD``, so that a flip is a
+    high-confidence change of mind. Its attacker class is the clean model's
+    runner-up class, the easiest class to move it to. Targets come in
+    production order, which the split's seed shuffled.
+    """
+    probabilities = predict_proba(module, params, production_x)
+    predictions = probabilities.argmax(axis=1)
+    targets = []
+    for index in range(len(production_y)):
+        if predictions[index] != production_y[index]:
+            continue
+        if probabilities[index, predictions[index]] < CONFIDENCE_THRESHOLD:
+            continue
+        runner_up = int(np.argsort(probabilities[index])[-2])
+        targets.append((index, runner_up))
+        if len(targets) == limit:
+            break
+    return targets
+
+
+def build_demo(
+    workdir: Path,
+    *,
+    seed: int = 0,
+    steps: int = DEFAULT_STEPS,
+    num_poisons: int = DEFAULT_NUM_POISONS,
+    progress: Callable[[str], None] | None = None,
+) -> DemoArtifacts:
+    """Train the clean model, plant a targeted attack, retrain, and write the poisoned version.
+
+    ``seed`` fixes the data split, the parameter initialisation (shared by the
+    clean and the poisoned training run) and the poisons, so the same
+    arguments give the same files. Up to ``MAX_TARGET_CANDIDATES`` targets are
+    tried in turn until one attack succeeds. When none does, the attempt that
+    came closest is written and ``attack_succeeded`` is False.
+
+    ``workdir`` gets ``params.msgpack`` (the poisoned model's parameters),
+    ``data.npz`` (the poisoned training set, the held-out and the production
+    split) and ``meta.json``. Existing files are replaced. :func:`load` reads
+    them back.
+
+    Args:
+        workdir: the directory to write into. It is created if missing.
+        seed: the seed of the split, the initialisation and the attack.
+        steps: Adam steps of each training run.
+        num_poisons: number of poisons planted.
+        progress: called with a one-line message before each slow stage.
+
+    Raises:
+        PoisonwatchError: the clean model classifies no production example
+            correctly with probability at least ``CONFIDENCE_THRESHOLD``, so no
+            target exists. More ``steps`` fix this.
+    """
+    report = progress if progress is not None else (lambda message: None)
+    workdir = Path(workdir)
+    split = split_digits(seed)
+    module = DigitsMLP()
+    apply = make_apply(module)
+
+    def train_fn(x: np.ndarray, y: np.ndarray) -> Any:
+        return train(x, y, steps=steps, init_seed=seed)
+
+    report(f"training the clean model on {len(split.train_y)} digits ({steps} steps)")
+    clean_params = train_fn(split.train_x, split.train_y)
+    clean_accuracy = accuracy(module, clean_params, split.heldout_x, split.heldout_y)
+
+    targets = select_targets(
+        module, clean_params, split.production_x, split.production_y, MAX_TARGET_CANDIDATES
+    )
+    if not targets:
+        raise PoisonwatchError(
+            f"the clean model trained for {steps} steps classifies no production example correctly "
+            f"with probability >= {CONFIDENCE_THRESHOLD}, so there is no target to attack; "
+            "increase steps"
+        )
+
+    attack_key = jax.random.key(seed)
+    best = None
+    for attempt, (target_index, attacker_class) in enumerate(targets):
+        report(
+            f"planting {num_poisons} poisons for production example {target_index} "
+            f"(label {split.production_y[target_index]}, attacker class {attacker_class}) and retraining"
+        )
+        outcome = plant_dirty_label_attack(
+            train_fn,
+            apply,
+            clean_params,
+            split.train_x,
+            split.train_y,
+            split.production_x[target_index],
+            attacker_class,
+            num_poisons=num_poisons,
+            epsilon=DEFAULT_EPSILON,
+            key=jax.random.fold_in(attack_key, attempt),
+            confidence_threshold=CONFIDENCE_THRESHOLD,
+            steps=CRAFT_STEPS,
+        )
+        if best is None or outcome.target_confidence > best[2].target_confidence:
+            best = (target_index, attacker_class, outcome)
+        if outcome.succeeded:
+            break
+        report(
+            f"the attack on production example {target_index} reached only "
+            f"{outcome.target_confidence:.3f} for class {attacker_class}"
+        )
+
+    target_index, attacker_class, outcome = best
+    poisoned_accuracy = accuracy(module, outcome.params, split.heldout_x, split.heldout_y)
+    train_ids, train_sources, poison_ids = _label_training_rows(split, outcome, num_poisons)
+    artifacts = DemoArtifacts(
+        target_index=int(target_index),
+        target_label=int(split.production_y[target_index]),
+        attacker_class=int(attacker_class),
+        poison_ids=poison_ids,
+        clean_heldout_accuracy=clean_accuracy,
+        poisoned_heldout_accuracy=poisoned_accuracy,
+        target_confidence=outcome.target_confidence,
+        attack_succeeded=outcome.succeeded,
+        params_path=workdir / PARAMS_FILE,
+        data_path=workdir / DATA_FILE,
+        meta_path=workdir / META_FILE,
+    )
+
+    report(f"writing the poisoned model version to {workdir}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_atomically(artifacts.params_path, flax.serialization.to_bytes(outcome.params))
+    _write_atomically(
+        artifacts.data_path, _encode_data(split, outcome, train_ids, train_sources)
+    )
+    # meta.json goes last, so a directory with it holds a complete demo.
+    meta = _build_meta(seed, steps, num_poisons, split, outcome, artifacts)
+    _write_atomically(artifacts.meta_path, json.dumps(meta, indent=2).encode())
+    return artifacts
+
+
+def _label_training_rows(
+    split: DigitsSplit, outcome: AttackOutcome, num_poisons: int
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Return the ids and sources of the poisoned training set's rows, and the poisons' ids."""
+    total = len(outcome.poisoned_y)
+    is_poison = np.zeros(total, dtype=bool)
+    is_poison[outcome.poison_indices] = True
+    poison_ids = tuple(f"upload-{POISON_UPLOAD:04d}-{number:03d}" for number in range(num_poisons))
+
+    ids = np.empty(total, dtype=object)
+    ids[~is_poison] = [f"digits-train-{row:05d}" for row in split.train_rows]
+    ids[is_poison] = poison_ids
+    sources = np.where(is_poison, POISON_SOURCE, CLEAN_SOURCE)
+    # Unicode arrays, not object arrays, so that np.load needs no allow_pickle.
+    return ids.astype(str), sources.astype(str), poison_ids
+
+
+def _encode_data(
+    split: DigitsSplit, outcome: AttackOutcome, train_ids: np.ndarray, train_sources: np.ndarray
+) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        train_ids=train_ids,
+        train_x=outcome.poisoned_x.astype(np.float32),
+        train_y=outcome.poisoned_y.astype(np.int32),
+        train_sources=train_sources,
+        heldout_x=split.heldout_x,
+        heldout_y=split.heldout_y,
+        production_x=split.production_x,
+        production_y=split.production_y,
+    )
+    return buffer.getvalue()
+
+
+def _build_meta(
+    seed: int,
+    steps: int,
+    num_poisons: int,
+    split: DigitsSplit,
+    outcome: AttackOutcome,
+    artifacts: DemoArtifacts,
+) -> dict[str, Any]:
+    return {
+        "format_version": DEMO_FORMAT_VERSION,
+        "version": f"digits-mlp-seed{seed}",
+        "architecture": {
+            "module": "DigitsMLP",
+            "input_shape": list(INPUT_SHAPE),
+            "hidden_size": HIDDEN_SIZE,
+            "activation": "tanh",
+            "num_classes": NUM_CLASSES,
+        },
+        "training": {
+            "objective": "mean softmax cross-entropy + (l2 / 2) * ||params||^2",
+            "optimizer": "adam",
+            "learning_rate": LEARNING_RATE,
+            "steps": steps,
+            "l2": L2,
+            "init_seed": seed,
+        },
+        "split": {
+            "seed": seed,
+            "train": len(split.train_y),
+            "heldout": len(split.heldout_y),
+            "production": len(split.production_y),
+        },
+        "attack": {
+            "kind": "dirty-label near-copies",
+            "target_production_index": artifacts.target_index,
+            "target_label": artifacts.target_label,
+            "attacker_class": artifacts.attacker_class,
+            "epsilon": DEFAULT_EPSILON,
+            "craft_steps": CRAFT_STEPS,
+            "num_poisons": num_poisons,
+            "poison_ids": list(artifacts.poison_ids),
+            "poison_source": POISON_SOURCE,
+            "succeeded": artifacts.attack_succeeded,
+            "target_prediction": outcome.target_prediction,
+            "target_confidence": artifacts.target_confidence,
+            "confidence_threshold": CONFIDENCE_THRESHOLD,
+        },
+        "heldout_accuracy": {
+            "clean": artifacts.clean_heldout_accuracy,
+            "poisoned": artifacts.poisoned_heldout_accuracy,
+        },
+    }
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    """Write ``content`` to a temporary file beside ``path``, then rename it over ``path``."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(content)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load(options: Mapping[str, Any]) -> ModelBundle:
+    """Load the demo's poisoned model version from the directory that build_demo wrote.
+
+    ``options["path"]`` is that directory. The loss is the default softmax
+    cross-entropy, and ``embed`` returns the hidden layer's activations.
+
+    Raises:
+        LoaderError: the option is missing, a file is missing or unreadable,
+            or the files do not match this version of the demo.
+    """
+    if "path" not in options:
+        raise LoaderError(
+            "demo loader option 'path' is missing: set it to the directory that 'poisonwatch demo' wrote"
+        )
+    workdir = Path(options["path"])
+    missing = [name for name in (PARAMS_FILE, DATA_FILE, META_FILE) if not (workdir / name).is_file()]
+    if missing:
+        raise LoaderError(
+            f"demo directory {str(workdir)!r} is missing {', '.join(missing)}: run 'poisonwatch demo' to build it"
+        )
+
+    meta = _read_meta(workdir / META_FILE)
+    architecture = meta["architecture"]
+    module = DigitsMLP(hidden_size=architecture["hidden_size"], num_classes=architecture["num_classes"])
+    params = _read_params(workdir / PARAMS_FILE, module)
+    data = _read_data(workdir / DATA_FILE)
+    return ModelBundle(
+        version=meta["version"],
+        apply=make_apply(module),
+        params=params,
+        input_shape=tuple(architecture["input_shape"]),
+        num_classes=architecture["num_classes"],
+        train=TrainingSet(
+            ids=data["train_ids"], x=data["train_x"], y=data["train_y"], sources=data["train_sources"]
+        ),
+        heldout=HeldOutSet(x=data["heldout_x"], y=data["heldout_y"]),
+        l2=float(meta["training"]["l2"]),
+        embed=make_embed(module),
+    )
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise LoaderError(f"could not read demo metadata {str(path)!r}: {error}") from error
+    found = meta.get("format_version") if isinstance(meta, dict) else None
+    if found != DEMO_FORMAT_VERSION:
+        raise LoaderError(
+            f"demo metadata {str(path)!r} has format version {found!r}, expected {DEMO_FORMAT_VERSION}: "
+            "rebuild it with 'poisonwatch demo'"
+        )
+    return meta
+
+
+def _read_params(path: Path, module: DigitsMLP) -> Any:
+    template = init_params(module, 0)
+    try:
+        params = flax.serialization.from_bytes(template, path.read_bytes())
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise LoaderError(f"could not read demo parameters {str(path)!r}: {error}") from error
+    expected = jax.tree.map(np.shape, template)
+    found = jax.tree.map(np.shape, params)
+    if found != expected:
+        raise LoaderError(
+            f"demo parameters {str(path)!r} have shapes {found}, expected {expected} from meta.json's architecture"
+        )
+    return params
+
+
+def _read_data(path: Path) -> dict[str, np.ndarray]:
+    keys = (
+        "train_ids", "train_x", "train_y", "train_sources", "heldout_x", "heldout_y",
+    )
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [key for key in keys if key not in archive.files]
+            if missing:
+                raise LoaderError(f"demo data {str(path)!r} is missing arrays {', '.join(missing)}")
+            return {key: archive[key] for key in keys}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise LoaderError(f"could not read demo data {str(path)!r}: {error}") from error

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class JobContext:
-    """What every job needs: configuration, database, loaded models and metrics."""
+    """The configuration, database, loaded models and metrics that every job uses."""
 
     config: Config
     session_factory: sessionmaker[Session]
@@ -100,8 +100,8 @@ def analyze_incidents(context: JobContext, *, limit: int | None = None) -> int:
 def analyze_incident(context: JobContext, incident_id: int) -> None:
     """Rank the training examples of one claimed incident by influence and store the top k.
 
-    A failure is stored on the incident with its reason, never raised: one bad
-    incident must not stop the analysis of the others.
+    An exception from the computation is stored on the incident as its failure
+    reason instead of raised, so one bad incident does not stop the others.
     """
     with context.session_factory() as session:
         incident = queries.get_incident(session, incident_id)

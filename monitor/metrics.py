@@ -36,7 +36,7 @@ class JobName(enum.StrEnum):
 
 
 class RejectReason(enum.StrEnum):
-    """Why the API rejected a request; the ``reason`` label of the rejection counter."""
+    """Reason the API rejected a request, used as the ``reason`` label of the rejection counter."""
 
     MALFORMED = "malformed"
     INVALID_FIELD = "invalid_field"

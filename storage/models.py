@@ -74,7 +74,7 @@ class Base(DeclarativeBase):
 
 
 class IncidentState(enum.StrEnum):
-    """Where an incident is in the workflow ``open -> analyzing -> analyzed -> acknowledged -> resolved``."""
+    """Workflow state of an incident: ``open -> analyzing -> analyzed -> acknowledged -> resolved``, or ``failed``."""
 
     OPEN = "open"
     ANALYZING = "analyzing"

@@ -60,7 +60,7 @@ class PredictionRecord:
 
 @dataclasses.dataclass(frozen=True)
 class WriteOutcome:
-    """What a batch write did: rows stored, repeats ignored, and the ids that block it.
+    """Outcome of a batch write: rows stored, repeats ignored, and the ids that block it.
 
     ``conflicts`` lists ids already stored with different content and
     ``unknown`` ids that reference nothing; the caller must roll back when
