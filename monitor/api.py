@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from monitor import schemas
+from monitor import pages, schemas
 from monitor.config import Config
 from monitor.metrics import Endpoint, Metrics, RejectReason
 from storage import migrations, queries
@@ -31,6 +32,7 @@ from storage.models import Incident, IncidentState, ModelVersion, utcnow
 logger = logging.getLogger(__name__)
 
 API_VERSION = "v1"
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class ApiError(Exception):
@@ -81,6 +83,20 @@ def create_app(state: ApiState) -> FastAPI:
         description="Monitoring of JAX/Flax classifiers for targeted training-data poisoning.",
     )
     app.state.poisonwatch = state
+
+    @app.middleware("http")
+    async def observe_latency(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        # The route template, not the raw path, keeps the label set bounded;
+        # requests that matched no route share one label value.
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        method = request.method if request.method in _KNOWN_METHODS else "other"
+        state.metrics.http_request_duration.labels(
+            route=template, method=method, status=f"{response.status_code // 100}xx"
+        ).observe(time.perf_counter() - started)
+        return response
 
     def reject(request: Request, error: ApiError) -> JSONResponse:
         endpoint = _endpoint_of(request.url.path)
@@ -340,6 +356,7 @@ def create_app(state: ApiState) -> FastAPI:
             )
         return JSONResponse({"status": "ok", "scheduler": "running" if state.scheduler_running else "stopped"})
 
+    app.include_router(pages.build_router(state.session_factory))
     return app
 
 

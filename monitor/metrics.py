@@ -126,6 +126,13 @@ class Metrics:
             ["job"],
             registry=registry,
         )
+        self.http_request_duration = Histogram(
+            f"{PREFIX}_http_request_duration_seconds",
+            "Wall time of HTTP requests, by route template, method and status class.",
+            ["route", "method", "status"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
         for job in JobName:
             self.job_duration.labels(job=job)
             self.job_failures.labels(job=job)

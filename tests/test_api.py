@@ -277,3 +277,21 @@ def test_incident_not_found(client):
     response = client.get("/v1/incidents/12345")
     assert response.status_code == 404
     assert "12345" in response.json()["detail"]
+
+
+def test_incident_pages_render(client):
+    listing = client.get("/incidents")
+    missing = client.get("/incidents/999")
+    assert listing.status_code == 200
+    assert "text/html" in listing.headers["content-type"]
+    assert "<h1>incidents</h1>" in listing.text
+    assert missing.status_code == 404
+
+
+def test_latency_histogram_uses_route_template(client, api_state):
+    client.get("/v1/incidents/77")
+    count = api_state.metrics.registry.get_sample_value(
+        "poisonwatch_http_request_duration_seconds_count",
+        {"route": "/v1/incidents/{incident_id}", "method": "GET", "status": "4xx"},
+    )
+    assert count == 1

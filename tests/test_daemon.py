@@ -77,9 +77,12 @@ def test_jobs_open_and_analyze_incident(migrated_url):
             assert jobs.analyze_incidents(daemon.context) == 1
             incidents = client.get("/v1/incidents").json()
             detail = client.get(f"/v1/incidents/{incidents[0]['id']}").json()
+            page = client.get(f"/incidents/{incidents[0]['id']}").text
     finally:
         daemon.stop()
     assert detail["state"] == "analyzed"
+    assert detail["suspects"][0]["example_id"] in page
+    assert "converged" in page
     assert detail["solver"]["converged"] is True
     assert len(detail["suspects"]) == 10
     scores = [suspect["score"] for suspect in detail["suspects"]]
