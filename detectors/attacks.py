@@ -1,0 +1,335 @@
+"""Attack drills: plant known poisons so that detectors can be tested against them.
+
+Each drill acts as the threat model's attacker. It uses the model's
+architecture and training procedure, computes gradients of the loss with
+respect to the input, and adds a few crafted examples to the training set.
+A drill reports whether its attack worked. A failed attack is a valid result,
+and the caller decides what to do with it.
+
+Everything here is pure computation on arrays and pytrees.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+Params = Any
+ApplyFn = Callable[[Params, jax.Array], jax.Array]
+TrainFn = Callable[[np.ndarray, np.ndarray], Params]
+
+DEFAULT_CRAFT_STEPS = 10
+
+
+class AttackOutcome(NamedTuple):
+    """The result of one planted attack.
+
+    Attributes:
+        poisoned_x: the training inputs with the poisons inserted,
+            shape ``(N + P, *input_shape)``.
+        poisoned_y: the labels, shape ``(N + P,)``. Poison rows carry the
+            attacker's class.
+        poison_indices: the rows of ``poisoned_x`` that are poisons, shape
+            ``(P,)``, int64, ascending.
+        params: the parameters retrained from scratch on the poisoned set.
+        succeeded: whether the retrained model predicts the attacker's class
+            on the target with probability at least the confidence threshold.
+        target_confidence: the retrained model's probability of the attacker's
+            class on the target.
+        target_prediction: the retrained model's predicted class for the target.
+    """
+
+    poisoned_x: np.ndarray
+    poisoned_y: np.ndarray
+    poison_indices: np.ndarray
+    params: Params
+    succeeded: bool
+    target_confidence: float
+    target_prediction: int
+
+
+def craft_dirty_label_poisons(
+    apply: ApplyFn,
+    params: Params,
+    target_x: np.ndarray,
+    attacker_class: int,
+    *,
+    num_poisons: int,
+    epsilon: float,
+    key: jax.Array,
+    steps: int = DEFAULT_CRAFT_STEPS,
+    step_size: float | None = None,
+    clip: tuple[float, float] = (0.0, 1.0),
+) -> np.ndarray:
+    """Craft near-copies of the target that, trained on as ``attacker_class``, flip the target.
+
+    Each poison starts at a uniformly random point of the L-infinity ball of
+    radius ``epsilon`` around the target. Then ``steps`` projected signed-gradient
+    steps align the poisons' parameter gradient with the target's (gradient
+    matching): both are gradients of the softmax cross-entropy of
+    ``attacker_class`` under ``apply`` at ``params``, and the steps maximise
+    their cosine similarity. A training step on the poisons then also lowers the
+    target's loss for ``attacker_class``. After every step the poisons are
+    projected back onto the ball and into ``clip``. The caller labels them
+    ``attacker_class``, which makes them dirty-label poisons.
+
+    Steps that merely make ``apply`` predict ``attacker_class`` on the poisons
+    work against the attacker, because the retrained model can then fit the
+    poisons by a small change that does not reach the target. On the demo's
+    digits MLP, such poisons flipped none of 10 targets that random
+    near-copies flipped.
+
+    Args:
+        apply: ``apply(params, x) -> logits`` with ``x`` of shape
+            ``(B, *input_shape)`` and logits ``(B, num_classes)``.
+        params: the parameters the attacker crafts against (usually the clean model's).
+        target_x: the input to be misclassified, shape ``input_shape``, inside ``clip``.
+        attacker_class: the class the attacker wants for the target, in
+            ``[0, num_classes)``.
+        num_poisons: number of poisons ``P``, at least 1.
+        epsilon: L-infinity radius of the ball around the target, greater than 0.
+        key: a ``jax.random`` key for the random starts.
+        steps: number of signed-gradient steps, at least 0. With 0 the poisons
+            are the random starts.
+        step_size: size of one signed-gradient step. Defaults to
+            ``2.5 * epsilon / steps``, so that the steps together can cross the
+            ball's diameter of ``2 * epsilon``.
+        clip: the ``(low, high)`` range of valid input values, with ``low < high``.
+
+    Returns:
+        The poisons, shape ``(P, *input_shape)``, float32. Every value lies
+        within ``epsilon`` of the target's value and inside ``clip``.
+
+    Raises:
+        ValueError: an argument is outside its allowed range. The message names
+            the argument, the value and the range.
+    """
+    target = np.asarray(target_x, dtype=np.float32)
+    low, high = _validate_clip(clip)
+    _validate_target(target, low, high)
+    _validate_at_least("num_poisons", num_poisons, 1)
+    _validate_at_least("steps", steps, 0)
+    _validate_positive("epsilon", epsilon)
+    num_classes = _infer_num_classes(apply, params, target.shape)
+    _validate_class(attacker_class, num_classes)
+    if step_size is None:
+        step_size = 2.5 * epsilon / max(steps, 1)
+    _validate_positive("step_size", step_size)
+
+    craft = _build_craft(apply, num_poisons=num_poisons, steps=steps, low=low, high=high)
+    poisons = craft(params, jnp.asarray(target), attacker_class, epsilon, step_size, key)
+    return np.asarray(poisons, dtype=np.float32)
+
+
+def plant_dirty_label_attack(
+    train_fn: TrainFn,
+    apply: ApplyFn,
+    clean_params: Params,
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    target_x: np.ndarray,
+    attacker_class: int,
+    *,
+    num_poisons: int,
+    epsilon: float,
+    key: jax.Array,
+    confidence_threshold: float = 0.9,
+    steps: int = DEFAULT_CRAFT_STEPS,
+    clip: tuple[float, float] = (0.0, 1.0),
+) -> AttackOutcome:
+    """Plant dirty-label poisons for one target, retrain, and report whether the attack worked.
+
+    The poisons come from :func:`craft_dirty_label_poisons` against
+    ``clean_params`` and are labelled ``attacker_class``. They are inserted at
+    random rows (drawn from ``key``), so no detector can find them by their
+    position. The clean rows keep their relative order. Then ``train_fn``
+    retrains from scratch on the poisoned set.
+
+    Args:
+        train_fn: ``train_fn(x, y) -> params``, training from scratch with the
+            same initialisation and hyperparameters as the clean model.
+        apply: ``apply(params, x) -> logits``, batched.
+        clean_params: the clean model's parameters, which the poisons are crafted against.
+        train_x: clean training inputs, shape ``(N, *input_shape)``.
+        train_y: clean integer labels, shape ``(N,)``.
+        target_x: the input to be misclassified, shape ``input_shape``.
+        attacker_class: the class the attacker wants for the target.
+        num_poisons: number of poisons, at least 1.
+        epsilon: L-infinity radius of the poisons around the target, greater than 0.
+        key: a ``jax.random`` key for crafting and for the insertion rows.
+        confidence_threshold: the probability of ``attacker_class`` on the target
+            that counts as success, in ``(0, 1]``.
+        steps: signed-gradient steps per poison, at least 0.
+        clip: the ``(low, high)`` range of valid input values.
+
+    Returns:
+        An :class:`AttackOutcome`. ``succeeded`` is False when the retrained model
+        does not predict ``attacker_class`` on the target, or predicts it with
+        probability below ``confidence_threshold``.
+
+    Raises:
+        ValueError: an argument is outside its allowed range, or the arrays'
+            shapes disagree.
+    """
+    train_x = np.asarray(train_x)
+    train_y = np.asarray(train_y)
+    target = np.asarray(target_x, dtype=np.float32)
+    _validate_training_set(train_x, train_y, target)
+    if not 0.0 < confidence_threshold <= 1.0:
+        raise ValueError(f"confidence_threshold must be in (0, 1], got {confidence_threshold}")
+
+    craft_key, rows_key = jax.random.split(key)
+    poisons = craft_dirty_label_poisons(
+        apply,
+        clean_params,
+        target,
+        attacker_class,
+        num_poisons=num_poisons,
+        epsilon=epsilon,
+        key=craft_key,
+        steps=steps,
+        clip=clip,
+    )
+    poisoned_x, poisoned_y, poison_indices = _insert_at_random_rows(
+        train_x, train_y, poisons, attacker_class, rows_key
+    )
+
+    params = train_fn(poisoned_x, poisoned_y)
+    logits = apply(params, jnp.asarray(target)[None])
+    probabilities = np.asarray(jax.nn.softmax(logits[0]))
+    target_prediction = int(np.argmax(probabilities))
+    target_confidence = float(probabilities[attacker_class])
+    succeeded = target_prediction == attacker_class and target_confidence >= confidence_threshold
+    return AttackOutcome(
+        poisoned_x=poisoned_x,
+        poisoned_y=poisoned_y,
+        poison_indices=poison_indices,
+        params=params,
+        succeeded=succeeded,
+        target_confidence=target_confidence,
+        target_prediction=target_prediction,
+    )
+
+
+def _build_craft(apply: ApplyFn, *, num_poisons: int, steps: int, low: float, high: float):
+    """Build the jitted crafting loop for one ``apply``, number of poisons and number of steps."""
+
+    def attacker_loss(params, x, attacker_class):
+        logits = apply(params, x)
+        labels = jnp.full((x.shape[0],), attacker_class, dtype=jnp.int32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+
+    def parameter_gradient(params, x, attacker_class):
+        return ravel_pytree(jax.grad(attacker_loss)(params, x, attacker_class))[0]
+
+    def misalignment(poisons, params, target_gradient, attacker_class):
+        poison_gradient = parameter_gradient(params, poisons, attacker_class)
+        # The tiny constant keeps the cosine finite when a gradient vanishes,
+        # for instance when the model already puts the target in attacker_class.
+        norms = jnp.linalg.norm(poison_gradient) * jnp.linalg.norm(target_gradient) + 1e-12
+        return 1.0 - jnp.dot(poison_gradient, target_gradient) / norms
+
+    @jax.jit
+    def craft(params, target, attacker_class, epsilon, step_size, key):
+        lower = jnp.maximum(target - epsilon, low)
+        upper = jnp.minimum(target + epsilon, high)
+        offsets = jax.random.uniform(
+            key, (num_poisons, *target.shape), minval=-epsilon, maxval=epsilon
+        )
+        start = jnp.clip(target + offsets, lower, upper)
+        target_gradient = parameter_gradient(params, target[None], attacker_class)
+
+        def step(_, poisons):
+            gradient = jax.grad(misalignment)(poisons, params, target_gradient, attacker_class)
+            return jnp.clip(poisons - step_size * jnp.sign(gradient), lower, upper)
+
+        return jax.lax.fori_loop(0, steps, step, start)
+
+    return craft
+
+
+def _insert_at_random_rows(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    poisons: np.ndarray,
+    attacker_class: int,
+    key: jax.Array,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Insert the poisons at random rows and return the new inputs, labels and poison rows."""
+    total = len(train_x) + len(poisons)
+    permutation = np.asarray(jax.random.permutation(key, total))
+    poison_indices = np.sort(permutation[: len(poisons)]).astype(np.int64)
+    is_poison = np.zeros(total, dtype=bool)
+    is_poison[poison_indices] = True
+
+    poisoned_x = np.empty((total, *train_x.shape[1:]), dtype=train_x.dtype)
+    poisoned_x[is_poison] = poisons
+    poisoned_x[~is_poison] = train_x
+    poisoned_y = np.empty(total, dtype=train_y.dtype)
+    poisoned_y[is_poison] = attacker_class
+    poisoned_y[~is_poison] = train_y
+    return poisoned_x, poisoned_y, poison_indices
+
+
+def _infer_num_classes(apply: ApplyFn, params: Params, input_shape: tuple[int, ...]) -> int:
+    batch = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    logits = jax.eval_shape(apply, params, batch)
+    if len(logits.shape) != 2 or logits.shape[0] != 1:
+        raise ValueError(
+            f"apply must return logits of shape (batch, num_classes), got {logits.shape} for a batch of 1"
+        )
+    return int(logits.shape[1])
+
+
+def _validate_clip(clip: tuple[float, float]) -> tuple[float, float]:
+    low, high = (float(bound) for bound in clip)
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"clip must be a finite (low, high) range with low < high, got {tuple(clip)}")
+    return low, high
+
+
+def _validate_target(target: np.ndarray, low: float, high: float) -> None:
+    if not np.all(np.isfinite(target)):
+        raise ValueError("target_x contains NaN or infinite values")
+    if target.size and (target.min() < low or target.max() > high):
+        raise ValueError(
+            f"target_x values must lie in clip range [{low}, {high}], "
+            f"got values in [{target.min()}, {target.max()}]"
+        )
+
+
+def _validate_training_set(train_x: np.ndarray, train_y: np.ndarray, target: np.ndarray) -> None:
+    if train_y.ndim != 1 or len(train_y) != len(train_x):
+        raise ValueError(
+            f"train_y must have shape ({len(train_x)},) to match train_x, got {train_y.shape}"
+        )
+    if not np.issubdtype(train_y.dtype, np.integer):
+        raise ValueError(f"train_y must contain integer labels, got dtype {train_y.dtype}")
+    if train_x.shape[1:] != target.shape:
+        raise ValueError(
+            f"target_x must have the shape of one training input {train_x.shape[1:]}, got {target.shape}"
+        )
+
+
+def _validate_at_least(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _validate_positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _validate_class(attacker_class: int, num_classes: int) -> None:
+    if isinstance(attacker_class, bool) or not isinstance(attacker_class, (int, np.integer)):
+        raise ValueError(f"attacker_class must be an integer in [0, {num_classes}), got {attacker_class!r}")
+    if not 0 <= attacker_class < num_classes:
+        raise ValueError(f"attacker_class must be in [0, {num_classes}), got {attacker_class}")
