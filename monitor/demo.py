@@ -18,13 +18,12 @@ from pathlib import Path
 import httpx
 import jax
 import numpy as np
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from monitor import demo_model, schemas
 from monitor.config import Config, DatabaseConfig, IncidentConfig, ModelConfig, SchedulerConfig, ServerConfig
 from monitor.daemon import Daemon
-from monitor.report import print_incident
+from monitor.report import make_console, print_incident
 from storage import migrations
 
 MODEL_NAME = "digits"
@@ -105,12 +104,13 @@ def run_demo(options: DemoOptions) -> int:
     """Run the demo end to end; return the process exit status."""
     workdir = Path(options.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
         disable=not console.is_terminal,
     )
-    say = console.print if not options.json_output or console.is_terminal else (lambda *a, **k: None)
+    # Progress goes to standard error, so it never mixes with the JSON on standard output.
+    say = console.print
 
     say(f"training the digits model with a planted attack (work directory {workdir})")
     build_options = {"seed": options.seed, "progress": say}
@@ -150,8 +150,9 @@ def run_demo(options: DemoOptions) -> int:
         if options.json_output:
             print(json.dumps(summary))
         else:
-            print_incident(incident, planted=set(artifacts.poison_ids), console=Console())
-            Console().print(
+            results = make_console()
+            print_incident(incident, planted=set(artifacts.poison_ids), console=results)
+            results.print(
                 f"planted poisons in the top 10: {summary['poisons_in_top10']} of {len(artifacts.poison_ids)} "
                 f"(recall {summary['recall_at_10']:.2f}); held-out accuracy clean "
                 f"{artifacts.clean_heldout_accuracy:.4f}, poisoned {artifacts.poisoned_heldout_accuracy:.4f}"

@@ -12,6 +12,18 @@ from monitor import schemas
 # Grey levels used to draw a small input image in the terminal, dark to bright.
 _SHADES = " .:-=+*#%@"
 
+# Width used when output goes to a file or pipe, where rich would otherwise
+# cut tables to 80 columns and truncate example ids and hashes.
+_REDIRECTED_WIDTH = 200
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """Create a console for results, wide enough for whole ids when output is redirected."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, width=_REDIRECTED_WIDTH)
+    return console
+
 
 def render_image(values: Sequence[float], shape: Sequence[int]) -> str:
     """Draw a 2-D input with values in [0, 1] as text; other shapes render as ''."""
@@ -29,7 +41,7 @@ def render_image(values: Sequence[float], shape: Sequence[int]) -> str:
 
 
 def print_incident_table(incidents: Sequence[schemas.IncidentSummary], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     table = Table(title="incidents")
     for column in ("id", "model", "version", "prediction", "state", "true", "predicted", "confidence", "opened"):
         table.add_column(column)
@@ -59,7 +71,7 @@ def print_incident(
     Suspects whose example id is in ``planted`` are marked, for drills where
     the poisons are known.
     """
-    console = console or Console()
+    console = console or make_console()
     console.print(
         f"[bold]incident {incident.id}[/bold]  model {incident.model} version {incident.model_version}  "
         f"prediction {incident.prediction_id}  state [bold]{incident.state}[/bold]"
