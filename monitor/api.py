@@ -2,6 +2,9 @@
 
 A write returns 200 only after its transaction has committed. A rejected
 request stores nothing: every row of a batch is checked before any is written.
+While the database is unreachable every route that needs it returns 503 with
+``Retry-After``. Writes and incident actions need a bearer token whenever
+:class:`monitor.auth.TokenVerifier` requires one.
 """
 
 from __future__ import annotations
@@ -15,35 +18,56 @@ import time
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from monitor import pages, schemas
+from monitor.auth import TokenVerifier
 from monitor.config import Config
 from monitor.metrics import Endpoint, Metrics, RejectReason
 from storage import migrations, queries
+from storage.db import describe_database_error
 from storage.models import Incident, IncidentState, ModelVersion, utcnow
 
 logger = logging.getLogger(__name__)
 
 API_VERSION = "v1"
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Seconds a client should wait before retrying while the database is unreachable.
+RETRY_AFTER_SECONDS = 5
+# Largest id a path or query parameter accepts: the range of a BIGINT column.
+MAX_ID = 2**63 - 1
 
 
 class ApiError(Exception):
-    """A request the API rejects; becomes a JSON error body with ``status``."""
+    """A request the API rejects; becomes a JSON error body with ``status``.
 
-    def __init__(self, status: int, reason: RejectReason, detail: str, errors: list[schemas.FieldError] | None = None):
+    ``reason`` labels the rejection counter of the ingestion endpoints; None
+    for rejections that counter has no reason for.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        reason: RejectReason | None,
+        detail: str,
+        errors: list[schemas.FieldError] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(detail)
         self.status = status
         self.reason = reason
         self.detail = detail
         self.errors = errors or []
+        self.headers = headers
 
 
 @dataclasses.dataclass
@@ -52,6 +76,62 @@ class ApiState:
     session_factory: sessionmaker[Session]
     metrics: Metrics
     scheduler_running: bool = False
+    auth: TokenVerifier = dataclasses.field(default_factory=lambda: TokenVerifier([], required=False))
+
+
+class BodySizeLimit:
+    """ASGI middleware that rejects request bodies over ``max_bytes`` with a 413.
+
+    A declared ``Content-Length`` over the limit is rejected before the body
+    is read; a chunked body is counted as it arrives and rejected when it
+    crosses the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, receive, send)
+            return
+
+        received = 0
+        rejected = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, rejected
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes and not rejected:
+                    rejected = True
+                    await self._reject(scope, receive, send)
+                    # The application receives a disconnect and stops reading the body.
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            # After the 413 is sent, any response the application sends is dropped.
+            if not rejected:
+                await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(status_code=413, content=schemas.ErrorBody(detail=self._detail()).model_dump())
+        await response(scope, receive, send)
+
+    def _detail(self) -> str:
+        return f"request body over {self.max_bytes} bytes; send smaller batches or raise [server] max_body_bytes"
+
+
+def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": schemas.ErrorBody} for code in codes}
 
 
 def _endpoint_of(path: str) -> Endpoint | None:
@@ -100,10 +180,10 @@ def create_app(state: ApiState) -> FastAPI:
 
     def reject(request: Request, error: ApiError) -> JSONResponse:
         endpoint = _endpoint_of(request.url.path)
-        if endpoint is not None:
+        if endpoint is not None and error.reason is not None:
             state.metrics.requests_rejected.labels(endpoint=endpoint, reason=error.reason).inc()
         body = schemas.ErrorBody(detail=error.detail, errors=error.errors)
-        return JSONResponse(status_code=error.status, content=body.model_dump())
+        return JSONResponse(status_code=error.status, content=body.model_dump(), headers=error.headers)
 
     @app.exception_handler(ApiError)
     async def handle_api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -127,12 +207,36 @@ def create_app(state: ApiState) -> FastAPI:
 
     @app.exception_handler(SQLAlchemyError)
     async def handle_database_error(request: Request, error: SQLAlchemyError) -> JSONResponse:
-        logger.error("database error on %s %s: %s", request.method, request.url.path, error.__class__.__name__, exc_info=error)
+        # The summary names the driver error with the password masked; no traceback,
+        # because an outage produces one line per request.
+        logger.error(
+            "database error on %s %s: %s",
+            request.method,
+            request.url.path,
+            describe_database_error(error, state.config.database.url),
+        )
         return JSONResponse(
             status_code=503,
             content=schemas.ErrorBody(detail="database unavailable; retry later").model_dump(),
-            headers={"Retry-After": "5"},
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
+
+    bearer = HTTPBearer(
+        auto_error=False,
+        description="A token whose SHA-256 digest is in [server] token_sha256; needed for writes "
+        "when the server binds to a non-loopback address or has tokens configured.",
+    )
+
+    def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        token = credentials.credentials if credentials is not None else None
+        if not state.auth.accepts(token):
+            detail = "missing bearer token" if token is None else "invalid bearer token"
+            raise ApiError(
+                401,
+                None,
+                f"{detail}: send 'Authorization: Bearer TOKEN' with a token from 'poisonwatch token create'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def model_version_for(session: Session, model: str, version: str | None, field: str) -> ModelVersion:
         if state.config.model(model) is None:
@@ -231,8 +335,8 @@ def create_app(state: ApiState) -> FastAPI:
     @app.post(
         f"/{API_VERSION}/models/{{model}}/predictions",
         response_model=schemas.WriteResult,
-        responses={400: {"model": schemas.ErrorBody}, 404: {"model": schemas.ErrorBody}, 409: {"model": schemas.ErrorBody},
-                   413: {"model": schemas.ErrorBody}, 422: {"model": schemas.ErrorBody}},
+        responses=_error_responses(400, 401, 404, 409, 413, 422, 503),
+        dependencies=[Depends(require_token)],
     )
     def ingest_predictions(model: str, batch: schemas.PredictionBatch) -> schemas.WriteResult:
         """Store a batch of predictions; idempotent by ``prediction_id``."""
@@ -265,8 +369,8 @@ def create_app(state: ApiState) -> FastAPI:
     @app.post(
         f"/{API_VERSION}/models/{{model}}/labels",
         response_model=schemas.WriteResult,
-        responses={400: {"model": schemas.ErrorBody}, 404: {"model": schemas.ErrorBody}, 409: {"model": schemas.ErrorBody},
-                   413: {"model": schemas.ErrorBody}, 422: {"model": schemas.ErrorBody}},
+        responses=_error_responses(400, 401, 404, 409, 413, 422, 503),
+        dependencies=[Depends(require_token)],
     )
     def ingest_labels(model: str, batch: schemas.LabelBatch) -> schemas.WriteResult:
         """Attach ground-truth labels to stored predictions; idempotent by ``prediction_id``."""
@@ -304,12 +408,16 @@ def create_app(state: ApiState) -> FastAPI:
         state.metrics.labels_ingested.labels(model=model).inc(outcome.accepted)
         return schemas.WriteResult(accepted=outcome.accepted, duplicates=outcome.duplicates)
 
-    @app.get(f"/{API_VERSION}/incidents", response_model=list[schemas.IncidentSummary])
+    @app.get(
+        f"/{API_VERSION}/incidents",
+        response_model=list[schemas.IncidentSummary],
+        responses=_error_responses(422, 503),
+    )
     def list_incidents(
         state_filter: IncidentState | None = Query(None, alias="state"),
         model: str | None = None,
         limit: int = Query(100, ge=1, le=1000),
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=MAX_ID),
     ) -> list[schemas.IncidentSummary]:
         """List incidents, newest first."""
         with state.session_factory() as session:
@@ -319,9 +427,9 @@ def create_app(state: ApiState) -> FastAPI:
     @app.get(
         f"/{API_VERSION}/incidents/{{incident_id}}",
         response_model=schemas.IncidentDetail,
-        responses={404: {"model": schemas.ErrorBody}},
+        responses=_error_responses(404, 422, 503),
     )
-    def get_incident(incident_id: int) -> schemas.IncidentDetail | JSONResponse:
+    def get_incident(incident_id: int = Path(ge=1, le=MAX_ID)) -> schemas.IncidentDetail | JSONResponse:
         """Show one incident with its input, solver diagnostics and top-k suspects."""
         with state.session_factory() as session:
             incident = queries.get_incident(session, incident_id)
@@ -331,32 +439,92 @@ def create_app(state: ApiState) -> FastAPI:
                 )
             return incident_detail(incident)
 
+    def act_on_incident(incident_id: int, action, verb: str) -> schemas.IncidentSummary:
+        with state.session_factory.begin() as session:
+            outcome, incident = action(session, incident_id)
+            if outcome == queries.TransitionOutcome.NOT_FOUND:
+                raise ApiError(404, None, f"incident {incident_id} not found")
+            if outcome == queries.TransitionOutcome.INVALID:
+                raise ApiError(
+                    409,
+                    None,
+                    f"incident {incident_id} is {incident.state.value}; only analyzed or failed incidents can be {verb}",
+                )
+            summary = incident_summary(incident)
+        if outcome == queries.TransitionOutcome.CHANGED:
+            logger.info("incident %d %s", incident_id, verb)
+        return summary
+
+    @app.post(
+        f"/{API_VERSION}/incidents/{{incident_id}}/acknowledge",
+        response_model=schemas.IncidentSummary,
+        responses=_error_responses(401, 404, 409, 413, 422, 503),
+        dependencies=[Depends(require_token)],
+    )
+    def acknowledge_incident(incident_id: int = Path(ge=1, le=MAX_ID)) -> schemas.IncidentSummary:
+        """Acknowledge an analyzed or failed incident; repeating it changes nothing."""
+        return act_on_incident(incident_id, queries.acknowledge_incident, "acknowledged")
+
+    @app.post(
+        f"/{API_VERSION}/incidents/{{incident_id}}/resolve",
+        response_model=schemas.IncidentSummary,
+        responses=_error_responses(401, 404, 413, 422, 503),
+        dependencies=[Depends(require_token)],
+    )
+    def resolve_incident(incident_id: int = Path(ge=1, le=MAX_ID)) -> schemas.IncidentSummary:
+        """Resolve an incident in any state; a running analysis of it then stores nothing."""
+        return act_on_incident(incident_id, queries.resolve_incident, "resolved")
+
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        from monitor.metrics import job_intervals
 
-    @app.get("/healthz")
+        # The job-overdue alert needs each job's interval, but only from the
+        # process whose scheduler runs the jobs.
+        if state.scheduler_running:
+            state.metrics.record_job_intervals(job_intervals(state.config.scheduler))
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz", response_model=schemas.Health, responses={503: {"model": schemas.Health}})
     def healthz() -> JSONResponse:
-        """Report whether the database is reachable and migrated; 503 with the reason when not."""
+        """Report whether the database is reachable and migrated; 503 with the reason when not.
+
+        ``scheduler`` is ``running`` in the replica that runs the jobs,
+        ``standby`` in the others and ``disabled`` where the config turns it off.
+        """
+        if state.scheduler_running:
+            scheduler = "running"
+        else:
+            scheduler = "standby" if state.config.scheduler.enabled else "disabled"
         try:
             with state.session_factory() as session:
                 session.execute(text("SELECT 1"))
                 revision = migrations.current_revision(session.get_bind())
         except SQLAlchemyError as error:
+            reason = "database unreachable: " + describe_database_error(error, state.config.database.url)
             return JSONResponse(
                 status_code=503,
-                content={"status": "unavailable", "reason": f"database unreachable: {error.__class__.__name__}"},
-                headers={"Retry-After": "5"},
+                content=schemas.Health(status="unavailable", scheduler=scheduler, reason=reason).model_dump(),
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         expected = migrations.head_revision()
         if revision != expected:
+            reason = f"database schema at {revision}, expected {expected}"
             return JSONResponse(
                 status_code=503,
-                content={"status": "unavailable", "reason": f"database schema at {revision}, expected {expected}"},
+                content=schemas.Health(status="unavailable", scheduler=scheduler, reason=reason).model_dump(),
             )
-        return JSONResponse({"status": "ok", "scheduler": "running" if state.scheduler_running else "stopped"})
+        return JSONResponse(schemas.Health(status="ok", scheduler=scheduler).model_dump())
 
     app.include_router(pages.build_router(state.session_factory))
+    app.add_middleware(BodySizeLimit, max_bytes=state.config.server.max_body_bytes)
+    if state.config.server.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(state.config.server.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     return app
 
 

@@ -1,4 +1,4 @@
-"""The ``poisonwatch`` command line: serve, demo, db and incidents.
+"""The ``poisonwatch`` command line: serve, demo, db, incidents and token.
 
 Results go to standard output; logs go to standard error.
 """
@@ -115,6 +115,43 @@ def _incidents_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _incidents_act(args: argparse.Namespace) -> int:
+    from monitor.api import incident_summary
+    from storage import queries
+    from storage.db import create_db_engine, create_session_factory
+
+    action = queries.acknowledge_incident if args.incidents_command == "ack" else queries.resolve_incident
+    config = load_config(args.config)
+    engine = create_db_engine(config.database.url)
+    try:
+        with create_session_factory(engine).begin() as session:
+            outcome, incident = action(session, args.id)
+            if outcome == queries.TransitionOutcome.NOT_FOUND:
+                print(f"incident {args.id} not found", file=sys.stderr)
+                return 1
+            if outcome == queries.TransitionOutcome.INVALID:
+                print(
+                    f"incident {args.id} is {incident.state.value}; only analyzed or failed incidents can be acknowledged",
+                    file=sys.stderr,
+                )
+                return 1
+            summary = incident_summary(incident)
+    finally:
+        engine.dispose()
+    change = "now" if outcome == queries.TransitionOutcome.CHANGED else "already"
+    print(f"incident {summary.id} is {change} {summary.state}")
+    return 0
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from monitor.auth import generate_token, hash_token
+
+    token = generate_token()
+    print(f"token (give it to the client; it is not stored): {token}")
+    print(f'config line: token_sha256 = ["{hash_token(token)}"]')
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from monitor.demo import DemoOptions, run_demo
 
@@ -170,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("id", type=int)
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=_incidents_show)
+    ack = with_config(incidents.add_parser("ack", help="acknowledge an analyzed or failed incident"))
+    ack.add_argument("id", type=int)
+    ack.set_defaults(handler=_incidents_act)
+    resolve = with_config(incidents.add_parser("resolve", help="resolve an incident in any state"))
+    resolve.add_argument("id", type=int)
+    resolve.set_defaults(handler=_incidents_act)
+
+    token = commands.add_parser("token", help="bearer tokens for the API").add_subparsers(dest="token_command", required=True)
+    create = token.add_parser("create", help="print a new token and the digest to put in [server] token_sha256")
+    create.set_defaults(handler=_token_create)
     return parser
 
 

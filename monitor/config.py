@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,11 +29,31 @@ class DatabaseConfig(_Section):
     url: str = Field("sqlite:///poisonwatch.db", description="SQLAlchemy URL; SQLite paths are relative to the working directory.")
 
 
+def _split_commas(value: Any) -> Any:
+    # Environment overrides arrive as one string; lists are given comma-separated there.
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
 class ServerConfig(_Section):
     host: str = Field("127.0.0.1", description="Address the HTTP API binds to.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port of the HTTP API; 0 picks a free one.")
     max_batch_size: int = Field(1000, ge=1, description="Most predictions or labels one request may carry.")
     max_input_values: int = Field(65536, ge=1, description="Most float values one prediction's input may have.")
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest request body in bytes; larger requests get a 413."
+    )
+    token_sha256: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(
+        default_factory=list,
+        description="SHA-256 hex digests of the bearer tokens that may write ('poisonwatch token create' prints one). "
+        "Required when 'host' is not a loopback address; when set, writes need a token on loopback too.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS; empty (the default) sends no CORS headers."
+    )
+
+    _split_tokens = pydantic.field_validator("token_sha256", "cors_origins", mode="before")(_split_commas)
 
 
 class SchedulerConfig(_Section):
@@ -43,6 +63,32 @@ class SchedulerConfig(_Section):
     heldout_interval_seconds: float = Field(300.0, gt=0)
     misfire_grace_seconds: float = Field(30.0, gt=0, description="How late a job run may start before it is skipped.")
     workers: int = Field(2, ge=1, description="Threads that run jobs; heavy JAX work shares them.")
+    leader_check_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="How often a replica checks or tries to take the scheduler lock; "
+        "defaults to half the shortest job interval.",
+    )
+    max_backoff_seconds: float = Field(
+        60.0, gt=0, description="Longest pause of a job after consecutive database failures."
+    )
+    retention_interval_seconds: float = Field(3600.0, gt=0, description="How often the retention job runs.")
+
+    @property
+    def shortest_interval_seconds(self) -> float:
+        return min(
+            self.incident_scan_interval_seconds,
+            self.influence_interval_seconds,
+            self.heldout_interval_seconds,
+            self.retention_interval_seconds,
+        )
+
+    @property
+    def effective_leader_check_seconds(self) -> float:
+        """Seconds between lock checks; half the shortest job interval keeps a takeover within two intervals."""
+        if self.leader_check_seconds is not None:
+            return self.leader_check_seconds
+        return self.shortest_interval_seconds / 2
 
 
 class IncidentConfig(_Section):
@@ -59,6 +105,17 @@ class InfluenceConfig(_Section):
     batch_size: int = Field(256, ge=1, description="Training examples per padded batch of the HVP and scoring passes.")
 
 
+class RetentionConfig(_Section):
+    predictions_days: float | None = Field(
+        None, gt=0, description="Days a prediction is kept after receipt; unset keeps predictions forever."
+    )
+    labels_days: float | None = Field(
+        None, gt=0, description="Days a label is kept after receipt; unset keeps labels as long as their prediction."
+    )
+    batch_size: int = Field(1000, ge=1, le=100_000, description="Rows deleted per transaction.")
+    max_batches_per_run: int = Field(100, ge=1, description="Transactions per retention run; the rest waits for the next run.")
+
+
 class ModelConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     loader: str = Field(description="Import path 'package.module:function' of the loader.")
@@ -71,6 +128,7 @@ class Config(_Section):
     scheduler: SchedulerConfig = SchedulerConfig()
     incidents: IncidentConfig = IncidentConfig()
     influence: InfluenceConfig = InfluenceConfig()
+    retention: RetentionConfig = RetentionConfig()
     models: list[ModelConfig] = Field(default_factory=list)
 
     @pydantic.model_validator(mode="after")
@@ -85,7 +143,7 @@ class Config(_Section):
         return next((model for model in self.models if model.name == name), None)
 
 
-_SECTIONS = ("database", "server", "scheduler", "incidents", "influence")
+_SECTIONS = ("database", "server", "scheduler", "incidents", "influence", "retention")
 
 
 def _environment_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:

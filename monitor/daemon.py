@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 from importlib import metadata
@@ -13,14 +12,16 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 
 from monitor.api import ApiState, create_app
+from monitor.auth import TokenVerifier, is_loopback
 from monitor.config import Config
-from monitor.errors import DatabaseNotMigratedError
+from monitor.errors import AuthenticationConfigError, DatabaseNotMigratedError
 from monitor.jobs import JobContext
 from monitor.metrics import Metrics
 from monitor.registry import ModelRegistry
-from monitor.scheduler import build_scheduler, release_unfinished_work
+from monitor.scheduler import SchedulerLeadership
 from storage import migrations
 from storage.db import create_db_engine, create_session_factory, masked_url
+from storage.locks import scheduler_lock_for
 
 logger = logging.getLogger(__name__)
 
@@ -33,20 +34,16 @@ def check_schema(engine: Engine) -> None:
         raise DatabaseNotMigratedError(current, expected)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+__all__ = ["Daemon", "check_schema", "is_loopback"]
 
 
 class Daemon:
     """Owns the engine, metrics, loaded models, scheduler and HTTP server of one process.
 
-    Lifecycle: construct, :meth:`start` (checks the schema, loads models,
-    starts the scheduler and the server thread), then :meth:`stop`.
+    Lifecycle: construct, :meth:`start` (checks the schema and the token
+    set-up, loads models, starts the scheduler leadership and the server
+    thread), then :meth:`stop`, which stops accepting requests first and
+    then lets running jobs finish.
     """
 
     def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
@@ -64,10 +61,15 @@ class Daemon:
             }
         )
         self.models = ModelRegistry(config, self.session_factory)
-        self.api_state = ApiState(config=config, session_factory=self.session_factory, metrics=self.metrics)
+        self.api_state = ApiState(
+            config=config,
+            session_factory=self.session_factory,
+            metrics=self.metrics,
+            auth=TokenVerifier.for_server(config.server.host, config.server.token_sha256),
+        )
         self.app = create_app(self.api_state)
         self.context = JobContext(config, self.session_factory, self.models, self.metrics)
-        self.scheduler = None
+        self.leadership: SchedulerLeadership | None = None
         self._server: uvicorn.Server | None = None
         self._server_thread: threading.Thread | None = None
 
@@ -79,17 +81,23 @@ class Daemon:
             jax.default_backend(),
             jax.device_count(),
         )
-        if not is_loopback(self.config.server.host):
-            # TODO: require a bearer token for writes on non-loopback binds; until then, warn.
-            logger.warning("API bound to non-loopback address %s without authentication", self.config.server.host)
+        if not is_loopback(self.config.server.host) and not self.config.server.token_sha256:
+            raise AuthenticationConfigError(self.config.server.host)
         self.models.load_all()
         if self.config.scheduler.enabled:
-            release_unfinished_work(self.context)
-            self.scheduler = build_scheduler(self.context)
-            self.scheduler.start()
-            self.api_state.scheduler_running = True
+            self.leadership = SchedulerLeadership(
+                self.context, scheduler_lock_for(self.config.database.url), self._set_scheduler_running
+            )
+            self.leadership.start()
         if serve_http:
             self._start_server()
+
+    def _set_scheduler_running(self, running: bool) -> None:
+        self.api_state.scheduler_running = running
+
+    @property
+    def is_leader(self) -> bool:
+        return self.leadership is not None and self.leadership.is_leader
 
     def _start_server(self) -> None:
         config = uvicorn.Config(
@@ -126,8 +134,7 @@ class Daemon:
             self._server.should_exit = True
             if self._server_thread is not None:
                 self._server_thread.join(10)
-        if self.scheduler is not None and self.scheduler.running:
-            self.scheduler.shutdown(wait=True)
-            self.api_state.scheduler_running = False
+        if self.leadership is not None:
+            self.leadership.stop()
         self.engine.dispose()
         logger.info("poisonwatch stopped")

@@ -38,3 +38,26 @@ class UnknownModelError(PoisonwatchError):
     def __init__(self, model: str) -> None:
         self.model = model
         super().__init__(f"model {model!r} not found; configured models are listed in the config's [[models]] tables")
+
+
+class SchedulerLockedError(PoisonwatchError):
+    """Another process already runs the scheduler on this SQLite database."""
+
+    def __init__(self, holder: str) -> None:
+        self.holder = holder
+        super().__init__(
+            f"another poisonwatch scheduler already runs on this database, held by {holder}; "
+            "SQLite supports one scheduler per database: stop it, set [scheduler] enabled = false "
+            "on this process, or use PostgreSQL for several replicas"
+        )
+
+
+class AuthenticationConfigError(ConfigError):
+    """The API binds to a non-loopback address but no bearer token is configured."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        super().__init__(
+            f"[server] host = {host!r} is not a loopback address, so writes need a bearer token, "
+            "but [server] token_sha256 is empty: run 'poisonwatch token create' and add the printed digest"
+        )

@@ -1,4 +1,4 @@
-"""The scheduled jobs: incident scan, influence analysis and held-out evaluation.
+"""The scheduled jobs: incident scan, influence analysis, held-out evaluation and retention.
 
 Each job is a plain function of a :class:`JobContext`, so tests and the CLI
 can run one directly; :mod:`monitor.scheduler` runs them on intervals.
@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import enum
 import logging
-import socket
+import math
 import os
+import socket
+import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from detectors import heldout, influence
@@ -27,37 +31,142 @@ from storage.models import Incident, JobStatus
 logger = logging.getLogger(__name__)
 
 
+class ExtraJob(enum.StrEnum):
+    """Jobs beyond :class:`monitor.metrics.JobName`; their values are used as the same ``job`` label."""
+
+    # TODO: move into JobName, so its metric series are created at zero, once metrics.py takes it.
+    RETENTION = "retention"
+
+
+class JobSkipped(enum.Enum):
+    """Return value of a scheduled run that did no work, so the listener records no success."""
+
+    BACKING_OFF = "backing_off"
+    SLOT_TAKEN = "slot_taken"
+
+
+def _default_worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def is_database_unavailable(error: BaseException) -> bool:
+    """True for errors that mean the database cannot be reached, as opposed to a bug or bad data."""
+    if isinstance(error, (OperationalError, InterfaceError)):
+        return True
+    return isinstance(error, DBAPIError) and error.connection_invalidated
+
+
+class JobBackoff:
+    """Pauses a job after consecutive database failures: one interval, doubling, up to a maximum."""
+
+    def __init__(self, max_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._max_seconds = max_seconds
+        self._clock = clock
+        self._failures: dict[str, int] = {}
+        self._resume_at: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def paused(self, job: str) -> bool:
+        with self._lock:
+            return self._clock() < self._resume_at.get(job, -math.inf)
+
+    def failed(self, job: str, interval_seconds: float) -> float:
+        """Record a failure and return the pause before the next attempt, in seconds."""
+        with self._lock:
+            failures = self._failures.get(job, 0) + 1
+            self._failures[job] = failures
+            pause = min(interval_seconds * 2 ** (failures - 1), self._max_seconds)
+            self._resume_at[job] = self._clock() + pause
+            return pause
+
+    def succeeded(self, job: str) -> None:
+        with self._lock:
+            self._failures.pop(job, None)
+            self._resume_at.pop(job, None)
+
+
 @dataclasses.dataclass
 class JobContext:
-    """The configuration, database, loaded models and metrics that every job uses."""
+    """The configuration, database, loaded models and metrics that every job uses.
+
+    ``stopping`` is set on shutdown or loss of leadership; long jobs check it
+    between units of work and return early.
+    """
 
     config: Config
     session_factory: sessionmaker[Session]
     registry: ModelRegistry
     metrics: Metrics
-    worker: str = dataclasses.field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    worker: str = dataclasses.field(default_factory=_default_worker)
+    stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
+    backoff: JobBackoff | None = None
+
+    def __post_init__(self) -> None:
+        if self.backoff is None:
+            self.backoff = JobBackoff(self.config.scheduler.max_backoff_seconds)
 
 
-def recorded(job: JobName, run: Callable[[JobContext], None]) -> Callable[[JobContext], None]:
-    """Wrap a job so each run is stored in ``job_runs`` and timed; exceptions propagate."""
+def slot_start(now: dt.datetime, interval_seconds: float) -> dt.datetime:
+    """Return the start of the interval slot containing ``now``, on a grid from the Unix epoch."""
+    timestamp = math.floor(now.timestamp() / interval_seconds) * interval_seconds
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC)
 
-    def run_recorded(context: JobContext) -> None:
-        with context.session_factory.begin() as session:
-            run_id = queries.start_job_run(session, job).id
-        started = time.perf_counter()
+
+def recorded(
+    job: str, run: Callable[[JobContext], object], *, interval_seconds: float | None = None
+) -> Callable[[JobContext], object]:
+    """Wrap a job so each run is stored in ``job_runs``, timed, and paused while the database is away.
+
+    With ``interval_seconds``, a run first claims its slot of that length in
+    ``job_runs``; when another replica already ran the slot, it skips. A
+    run that fails because the database is unreachable pauses the job (see
+    :class:`JobBackoff`); every exception still propagates to the scheduler's
+    listener, which logs and counts it.
+    """
+    backoff_interval = interval_seconds or 1.0
+
+    def run_recorded(context: JobContext) -> object:
+        assert context.backoff is not None
+        if context.backoff.paused(job):
+            return JobSkipped.BACKING_OFF
         try:
-            run(context)
+            result = _run_in_slot(job, run, context, interval_seconds)
         except BaseException as error:
-            with context.session_factory.begin() as session:
-                queries.finish_job_run(session, run_id, status=JobStatus.FAILED, error=repr(error)[:2000])
+            if is_database_unavailable(error):
+                pause = context.backoff.failed(job, backoff_interval)
+                logger.warning("job %s: database unavailable, pausing it for %.1f s", job, pause)
             raise
-        finally:
-            context.metrics.job_duration.labels(job=job).observe(time.perf_counter() - started)
-        with context.session_factory.begin() as session:
-            queries.finish_job_run(session, run_id, status=JobStatus.SUCCEEDED)
+        context.backoff.succeeded(job)
+        return result
 
     run_recorded.__name__ = f"{job}_job"
     return run_recorded
+
+
+def _run_in_slot(job: str, run: Callable[[JobContext], object], context: JobContext, interval_seconds: float | None) -> object:
+    scheduled_for = None if interval_seconds is None else slot_start(dt.datetime.now(dt.UTC), interval_seconds)
+    with context.session_factory.begin() as session:
+        run_id = queries.start_job_run(session, job, scheduled_for=scheduled_for, runner=context.worker)
+    if run_id is None:
+        logger.info("job %s: slot %s already ran on another replica; skipping", job, scheduled_for)
+        return JobSkipped.SLOT_TAKEN
+
+    started = time.perf_counter()
+    try:
+        result = run(context)
+    except BaseException as error:
+        try:
+            with context.session_factory.begin() as session:
+                queries.finish_job_run(session, run_id, status=JobStatus.FAILED, error=repr(error)[:2000])
+        except DBAPIError:
+            # The run row stays 'running'; the original error matters more.
+            logger.warning("job %s: could not record the failure of run %d", job, run_id)
+        raise
+    finally:
+        context.metrics.job_duration.labels(job=job).observe(time.perf_counter() - started)
+    with context.session_factory.begin() as session:
+        queries.finish_job_run(session, run_id, status=JobStatus.SUCCEEDED)
+    return result
 
 
 def scan_incidents(context: JobContext) -> int:
@@ -87,6 +196,9 @@ def analyze_incidents(context: JobContext, *, limit: int | None = None) -> int:
     """Analyze open incidents one by one until none is left (or ``limit``); return how many."""
     analyzed = 0
     while limit is None or analyzed < limit:
+        if context.stopping.is_set():
+            logger.info("stopping: leaving the remaining open incidents for the next scheduler")
+            return analyzed
         with context.session_factory.begin() as session:
             incident = queries.claim_next_incident(session, worker=context.worker)
             if incident is None:
@@ -144,9 +256,10 @@ def analyze_incident(context: JobContext, incident_id: int) -> None:
     with context.session_factory.begin() as session:
         examples = queries.training_examples_by_row(session, version.id, top.tolist())
         incident = session.get(Incident, incident_id)
-        queries.store_analysis(
+        stored = queries.store_analysis(
             session,
             incident,
+            worker=context.worker,
             suspects=[(examples[int(row)].id, float(report.scores[row])) for row in top],
             iterations=report.iterations,
             residual=report.residual,
@@ -155,6 +268,9 @@ def analyze_incident(context: JobContext, incident_id: int) -> None:
             damping=report.damping,
             seconds=seconds,
         )
+    if not stored:
+        logger.warning("incident %d: claim released or incident resolved during analysis; result discarded", incident_id)
+        return
     context.metrics.influence_duration.labels(model=version.model).observe(seconds)
     if not report.converged:
         context.metrics.influence_unconverged.labels(model=version.model).inc()
@@ -172,7 +288,8 @@ def analyze_incident(context: JobContext, incident_id: int) -> None:
 def _fail(context: JobContext, incident_id: int, reason: str) -> None:
     logger.error("incident %d analysis failed: %s", incident_id, reason)
     with context.session_factory.begin() as session:
-        queries.mark_failed(session, incident_id, reason)
+        if not queries.mark_failed(session, incident_id, reason, worker=context.worker):
+            logger.warning("incident %d: claim released or incident resolved; failure not stored", incident_id)
 
 
 def evaluate_heldout(context: JobContext) -> None:
@@ -180,6 +297,11 @@ def evaluate_heldout(context: JobContext) -> None:
     for name, version_id, bundle in context.registry.items():
         predicted = heldout.predict_classes(bundle.apply, bundle.params, bundle.heldout.x)
         report = heldout.accuracy_report(predicted, np.asarray(bundle.heldout.y), bundle.num_classes)
+        if not math.isfinite(report.accuracy):
+            raise FloatingPointError(
+                f"held-out accuracy of model {name} (version id {version_id}) is {report.accuracy} "
+                f"on {report.num_examples} examples; nothing stored"
+            )
         with context.session_factory.begin() as session:
             queries.record_heldout_evaluation(
                 session,
@@ -191,8 +313,45 @@ def evaluate_heldout(context: JobContext) -> None:
         logger.info("model %s held-out accuracy %.4f on %d examples", name, report.accuracy, report.num_examples)
 
 
-JOBS: dict[JobName, Callable[[JobContext], object]] = {
+def apply_retention(context: JobContext) -> dict[str, int]:
+    """Delete predictions and labels past their retention period, in bounded batches; return counts.
+
+    Each batch is its own transaction of at most ``retention.batch_size``
+    rows, so the API keeps writing meanwhile; a run stops after
+    ``retention.max_batches_per_run`` batches or when ``stopping`` is set.
+    """
+    settings = context.config.retention
+    now = dt.datetime.now(dt.UTC)
+    deleted = {"predictions": 0, "labels": 0}
+    targets = [
+        ("labels", settings.labels_days, queries.delete_expired_labels),
+        ("predictions", settings.predictions_days, queries.delete_expired_predictions),
+    ]
+    batches = 0
+    for table, days, delete_batch in targets:
+        if days is None:
+            continue
+        cutoff = now - dt.timedelta(days=days)
+        while batches < settings.max_batches_per_run and not context.stopping.is_set():
+            with context.session_factory.begin() as session:
+                count = delete_batch(session, received_before=cutoff, limit=settings.batch_size)
+            batches += 1
+            deleted[table] += count
+            if count < settings.batch_size:
+                break
+    if deleted["predictions"] or deleted["labels"]:
+        logger.info(
+            "retention deleted %d predictions and %d labels in %d batches",
+            deleted["predictions"],
+            deleted["labels"],
+            batches,
+        )
+    return deleted
+
+
+JOBS: dict[str, Callable[[JobContext], object]] = {
     JobName.INCIDENT_SCAN: scan_incidents,
     JobName.INFLUENCE: analyze_incidents,
     JobName.HELDOUT: evaluate_heldout,
+    ExtraJob.RETENTION: apply_retention,
 }

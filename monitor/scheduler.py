@@ -1,30 +1,44 @@
-"""The APScheduler set-up: interval jobs from the config, in-memory job store, UTC."""
+"""The APScheduler set-up and scheduler leadership.
+
+Jobs run on intervals from the config, from an in-memory job store, in UTC.
+Only the process holding the scheduler lock (:mod:`storage.locks`) runs them:
+on PostgreSQL the other replicas wait as standbys and take over when the
+leader's lock goes; on SQLite a second scheduler is rejected at start.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
+from collections.abc import Callable
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from monitor.jobs import JOBS, JobContext, recorded
+from monitor.errors import SchedulerLockedError
+from monitor.jobs import JOBS, ExtraJob, JobContext, JobSkipped, recorded
 from monitor.metrics import JobName
 from storage import queries
+from storage.locks import SchedulerLock, SqliteFileLock
 
 logger = logging.getLogger(__name__)
 
 
-def _intervals(context: JobContext) -> dict[JobName, float]:
+def _intervals(context: JobContext) -> dict[str, float]:
     settings = context.config.scheduler
-    return {
+    intervals: dict[str, float] = {
         JobName.INCIDENT_SCAN: settings.incident_scan_interval_seconds,
         JobName.INFLUENCE: settings.influence_interval_seconds,
         JobName.HELDOUT: settings.heldout_interval_seconds,
     }
+    retention = context.config.retention
+    if retention.predictions_days is not None or retention.labels_days is not None:
+        intervals[ExtraJob.RETENTION] = settings.retention_interval_seconds
+    return intervals
 
 
 def build_scheduler(context: JobContext) -> BackgroundScheduler:
@@ -33,6 +47,9 @@ def build_scheduler(context: JobContext) -> BackgroundScheduler:
     Each job has ``max_instances=1`` (a slow run is never overlapped by the
     next), coalescing (runs missed while busy collapse into one) and the
     configured misfire grace time. The first run of every job is immediate.
+    Each run claims its interval slot in ``job_runs`` (see
+    :func:`monitor.jobs.recorded`), so two schedulers never run a job twice
+    for the same slot.
     """
     settings = context.config.scheduler
     scheduler = BackgroundScheduler(
@@ -48,7 +65,7 @@ def build_scheduler(context: JobContext) -> BackgroundScheduler:
     now = dt.datetime.now(dt.UTC)
     for job, seconds in _intervals(context).items():
         scheduler.add_job(
-            recorded(job, JOBS[job]),
+            recorded(job, JOBS[job], interval_seconds=seconds),
             "interval",
             seconds=seconds,
             args=[context],
@@ -71,7 +88,8 @@ def _listener(context: JobContext):
                 exc_info=(type(event.exception), event.exception, event.exception.__traceback__),
             )
         elif event.code == EVENT_JOB_EXECUTED:
-            context.metrics.job_last_success.labels(job=event.job_id).set(time.time())
+            if not isinstance(event.retval, JobSkipped):
+                context.metrics.job_last_success.labels(job=event.job_id).set(time.time())
         else:
             logger.warning("job %s scheduled for %s missed its start", event.job_id, event.scheduled_run_time.isoformat())
 
@@ -79,8 +97,109 @@ def _listener(context: JobContext):
 
 
 def release_unfinished_work(context: JobContext) -> None:
-    """Return incidents left in ``analyzing`` by a stopped scheduler to ``open``."""
+    """Return incidents left in ``analyzing`` by a stopped scheduler to ``open``.
+
+    Safe only in the process that holds the scheduler lock: no other process
+    analyzes then. A former leader that is still computing finds its claim
+    gone and discards its result (see :func:`storage.queries.store_analysis`).
+    """
     with context.session_factory.begin() as session:
         released = queries.release_claims(session)
     if released:
         logger.info("released %d incidents left in analysis by a previous run", released)
+
+
+class SchedulerLeadership:
+    """Runs the scheduler in this process only while it holds the scheduler lock.
+
+    :meth:`start` takes the lock if it is free. On SQLite a held lock raises
+    :class:`SchedulerLockedError`. On PostgreSQL this process becomes a
+    standby, and a background thread tries the lock again every
+    ``scheduler.leader_check_seconds``. The leader checks its lock as often
+    and stops its scheduler when the lock is lost, for example when the
+    database connection breaks; it takes the lock again once the database is
+    back. ``on_change(is_leader)`` is called on each change.
+    """
+
+    def __init__(self, context: JobContext, lock: SchedulerLock, on_change: Callable[[bool], None]) -> None:
+        self._context = context
+        self._lock = lock
+        self._on_change = on_change
+        self._check_seconds = context.config.scheduler.effective_leader_check_seconds
+        self._scheduler: BackgroundScheduler | None = None
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._mutex = threading.Lock()
+
+    @property
+    def is_leader(self) -> bool:
+        return self._scheduler is not None
+
+    def start(self) -> None:
+        acquired = self._lock.try_acquire()
+        if not acquired and isinstance(self._lock, SqliteFileLock):
+            raise SchedulerLockedError(self._lock.holder())
+        if acquired:
+            self._become_leader()
+        else:
+            logger.info("scheduler standby: another replica holds the scheduler lock; checking every %.1f s", self._check_seconds)
+        self._thread = threading.Thread(target=self._watch, name="poisonwatch-leadership", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._closed.wait(self._check_seconds):
+            with self._mutex:
+                if self._closed.is_set():
+                    return
+                if self.is_leader:
+                    if not self._lock.is_held():
+                        self._step_down()
+                elif self._lock.try_acquire():
+                    self._become_leader()
+
+    def _become_leader(self) -> None:
+        try:
+            release_unfinished_work(self._context)
+        except Exception as error:  # noqa: BLE001 - stay standby and retry at the next check
+            logger.warning("could not release unfinished work (%s); giving the scheduler lock back", type(error).__name__)
+            self._lock.release()
+            return
+        self._context.stopping.clear()
+        self._scheduler = build_scheduler(self._context)
+        self._scheduler.start()
+        logger.info("this replica (%s) now runs the scheduler", self._context.worker)
+        self._on_change(True)
+
+    def _step_down(self) -> None:
+        logger.warning("scheduler lock lost; stopping the scheduler until the lock can be taken again")
+        self._context.stopping.set()
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None and scheduler.running:
+            # Running jobs finish in the background; their results are
+            # discarded when the new leader has released their claims.
+            scheduler.shutdown(wait=False)
+        self._on_change(False)
+
+    def stop(self) -> None:
+        """Stop the watcher, finish running jobs, release this process's claims and give the lock up."""
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join(self._check_seconds + 5)
+        with self._mutex:
+            self._context.stopping.set()
+            scheduler, self._scheduler = self._scheduler, None
+            if scheduler is not None and scheduler.running:
+                scheduler.shutdown(wait=True)
+                self._release_own_claims()
+                self._on_change(False)
+            self._lock.release()
+
+    def _release_own_claims(self) -> None:
+        try:
+            with self._context.session_factory.begin() as session:
+                released = queries.release_claims(session, worker=self._context.worker)
+        except Exception as error:  # noqa: BLE001 - shutting down; the next leader releases them
+            logger.warning("could not release this process's claims on shutdown (%s)", type(error).__name__)
+            return
+        if released:
+            logger.info("released %d incidents claimed by this process", released)

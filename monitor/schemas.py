@@ -7,7 +7,7 @@ against a model's input shape and class count live in :mod:`monitor.api`.
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
@@ -146,3 +146,11 @@ class IncidentDetail(IncidentSummary):
     input_shape: list[int]
     input: list[float]
     suspects: list[Suspect]
+
+
+class Health(BaseModel):
+    """Body of ``/healthz``: ``ok`` or ``unavailable`` with the reason, and this replica's scheduler role."""
+
+    status: Literal["ok", "unavailable"]
+    scheduler: Literal["running", "standby", "disabled"]
+    reason: str | None = None

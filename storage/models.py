@@ -145,6 +145,8 @@ class Prediction(Base):
     __table_args__ = (
         UniqueConstraint("model", "prediction_id"),
         Index(None, "model_version_id", "predicted_at"),
+        # The retention job deletes by receipt time, oldest first.
+        Index(None, "received_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -167,6 +169,7 @@ class Label(Base):
     """Ground truth for one prediction, usually arriving long after it."""
 
     __tablename__ = "labels"
+    __table_args__ = (Index(None, "received_at"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     prediction_pk: Mapped[int] = mapped_column(
@@ -207,6 +210,8 @@ class Incident(Base):
     solver_damping: Mapped[float | None] = mapped_column(Float, nullable=True)
     solver_negative_curvature: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     analysis_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    acknowledged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    resolved_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     prediction: Mapped[Prediction] = relationship()
     model_version: Mapped[ModelVersion] = relationship()
@@ -246,10 +251,16 @@ class HeldOutEvaluation(Base):
 
 
 class JobRun(Base):
-    """One run of a scheduled job, for auditing and for the last-success metric."""
+    """One run of a scheduled job, for auditing and for the last-success metric.
+
+    ``scheduled_for`` is the start of the interval slot a scheduled run
+    belongs to; the unique constraint on ``(job, scheduled_for)`` lets only one
+    replica run a job per slot. Runs started by hand leave it NULL, and NULLs
+    never collide.
+    """
 
     __tablename__ = "job_runs"
-    __table_args__ = (Index(None, "job", "started_at"),)
+    __table_args__ = (Index(None, "job", "started_at"), UniqueConstraint("job", "scheduled_for"))
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     job: Mapped[str] = mapped_column(String(64))
@@ -257,3 +268,5 @@ class JobRun(Base):
     started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    scheduled_for: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    runner: Mapped[str | None] = mapped_column(String(128), nullable=True)

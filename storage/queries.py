@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import enum
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, delete, exists, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
 from storage.models import (
@@ -174,11 +176,13 @@ def insert_predictions(session: Session, model: str, records: Sequence[Predictio
     duplicates = 0
     conflicts = []
     seen_in_batch: dict[str, str] = {}
+    received_at = utcnow()
     for record in records:
         digest = stored.get(record.prediction_id) or seen_in_batch.get(record.prediction_id)
         if digest is None:
             seen_in_batch[record.prediction_id] = record.content_digest
-            new_rows.append({"model": model, **dataclasses.asdict(record), "received_at": utcnow()})
+            # A shallow copy: dataclasses.asdict would deep-copy every field of every row.
+            new_rows.append({"model": model, **vars(record), "received_at": received_at})
         elif digest == record.content_digest:
             duplicates += 1
         else:
@@ -292,6 +296,7 @@ def store_analysis(
     session: Session,
     incident: Incident,
     *,
+    worker: str,
     suspects: Sequence[tuple[int, float]],
     iterations: int,
     residual: float,
@@ -300,7 +305,16 @@ def store_analysis(
     damping: float,
     seconds: float,
 ) -> None:
-    """Record an incident's top-k suspects, as ``(training_example_pk, score)`` pairs, and mark it analyzed."""
+    """Record an incident's top-k suspects, as ``(training_example_pk, score)`` pairs, and mark it analyzed.
+
+    Stores nothing and returns False unless ``worker`` still holds the claim:
+    a new scheduler leader may have released it, or an engineer resolved the
+    incident during the analysis. The conditional UPDATE locks the row until
+    the caller commits, so a concurrent action waits for this transaction.
+    """
+    if not _still_claimed(session, incident.id, worker):
+        return False
+    session.refresh(incident)
     incident.suspects.clear()
     session.flush()
     incident.suspects.extend(
@@ -317,14 +331,26 @@ def store_analysis(
     incident.failure_reason = None
     incident.claimed_by = None
     incident.updated_at = utcnow()
+    return True
 
 
-def mark_failed(session: Session, incident_id: int, reason: str) -> None:
-    session.execute(
+def _still_claimed(session: Session, incident_id: int, worker: str) -> bool:
+    result = session.execute(
         update(Incident)
-        .where(Incident.id == incident_id)
+        .where(Incident.id == incident_id, Incident.state == IncidentState.ANALYZING, Incident.claimed_by == worker)
+        .values(updated_at=utcnow())
+    )
+    return result.rowcount == 1
+
+
+def mark_failed(session: Session, incident_id: int, reason: str, *, worker: str) -> bool:
+    """Store ``reason`` and move a claimed incident to ``failed``; False when ``worker`` lost the claim."""
+    result = session.execute(
+        update(Incident)
+        .where(Incident.id == incident_id, Incident.state == IncidentState.ANALYZING, Incident.claimed_by == worker)
         .values(state=IncidentState.FAILED, failure_reason=reason, claimed_by=None, updated_at=utcnow())
     )
+    return result.rowcount == 1
 
 
 def requeue_failed_incidents(
@@ -344,14 +370,61 @@ def requeue_failed_incidents(
     return reopened
 
 
-def release_claims(session: Session) -> int:
-    """Return every ``analyzing`` incident to ``open``, for a scheduler that starts after a stop."""
-    result = session.execute(
-        update(Incident)
-        .where(Incident.state == IncidentState.ANALYZING)
-        .values(state=IncidentState.OPEN, claimed_by=None, updated_at=utcnow())
-    )
+def release_claims(session: Session, *, worker: str | None = None) -> int:
+    """Return ``analyzing`` incidents to ``open``: every one, or only those ``worker`` claimed.
+
+    A new scheduler leader releases every claim, because only the leader
+    analyzes; a leader that shuts down releases its own.
+    """
+    query = update(Incident).where(Incident.state == IncidentState.ANALYZING)
+    if worker is not None:
+        query = query.where(Incident.claimed_by == worker)
+    result = session.execute(query.values(state=IncidentState.OPEN, claimed_by=None, updated_at=utcnow()))
     return result.rowcount
+
+
+class TransitionOutcome(enum.StrEnum):
+    """Result of an engineer's action on an incident."""
+
+    CHANGED = "changed"
+    UNCHANGED = "unchanged"
+    NOT_FOUND = "not_found"
+    INVALID = "invalid"
+
+
+# States from which an engineer may acknowledge an incident; any state may be resolved.
+ACKNOWLEDGEABLE = frozenset({IncidentState.ANALYZED, IncidentState.FAILED})
+
+
+def acknowledge_incident(session: Session, incident_id: int) -> tuple[TransitionOutcome, Incident | None]:
+    """Move an analyzed or failed incident to ``acknowledged``; repeating it changes nothing."""
+    incident = session.get(Incident, incident_id, with_for_update=True)
+    if incident is None:
+        return TransitionOutcome.NOT_FOUND, None
+    if incident.state == IncidentState.ACKNOWLEDGED:
+        return TransitionOutcome.UNCHANGED, incident
+    if incident.state not in ACKNOWLEDGEABLE:
+        return TransitionOutcome.INVALID, incident
+    now = utcnow()
+    incident.state = IncidentState.ACKNOWLEDGED
+    incident.acknowledged_at = now
+    incident.updated_at = now
+    return TransitionOutcome.CHANGED, incident
+
+
+def resolve_incident(session: Session, incident_id: int) -> tuple[TransitionOutcome, Incident | None]:
+    """Move an incident in any state to ``resolved``; a running analysis then stores nothing."""
+    incident = session.get(Incident, incident_id, with_for_update=True)
+    if incident is None:
+        return TransitionOutcome.NOT_FOUND, None
+    if incident.state == IncidentState.RESOLVED:
+        return TransitionOutcome.UNCHANGED, incident
+    now = utcnow()
+    incident.state = IncidentState.RESOLVED
+    incident.claimed_by = None
+    incident.resolved_at = now
+    incident.updated_at = now
+    return TransitionOutcome.CHANGED, incident
 
 
 def list_incidents(
@@ -441,14 +514,78 @@ def latest_heldout_evaluations(session: Session) -> list[tuple[ModelVersion, Hel
 # --- job runs ----------------------------------------------------------------
 
 
-def start_job_run(session: Session, job: str) -> JobRun:
-    run = JobRun(job=job, status=JobStatus.RUNNING, started_at=utcnow())
-    session.add(run)
-    session.flush()
-    return run
+def start_job_run(
+    session: Session, job: str, *, scheduled_for: dt.datetime | None = None, runner: str | None = None
+) -> int | None:
+    """Insert a running job run and return its id; None when the slot ``(job, scheduled_for)`` is taken.
+
+    The insert uses ``ON CONFLICT DO NOTHING`` (PostgreSQL and SQLite alike),
+    so a replica that loses the race neither fails nor waits.
+    """
+    values = {
+        "job": job,
+        "status": JobStatus.RUNNING,
+        "started_at": utcnow(),
+        "scheduled_for": scheduled_for,
+        "runner": runner,
+    }
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        statement = postgresql.insert(JobRun).values(values).on_conflict_do_nothing()
+    elif dialect == "sqlite":
+        statement = sqlite.insert(JobRun).values(values).on_conflict_do_nothing()
+    else:
+        raise NotImplementedError(f"job-run slots need PostgreSQL or SQLite, found {dialect}")
+    return session.scalar(statement.returning(JobRun.id))
 
 
 def finish_job_run(session: Session, run_id: int, *, status: JobStatus, error: str | None = None) -> None:
     session.execute(
         update(JobRun).where(JobRun.id == run_id).values(status=status, error=error, finished_at=utcnow())
     )
+
+
+# --- retention ---------------------------------------------------------------
+
+
+def _referenced_by_incident():
+    return exists().where(Incident.prediction_pk == Prediction.id)
+
+
+def delete_expired_predictions(session: Session, *, received_before: dt.datetime, limit: int) -> int:
+    """Delete up to ``limit`` predictions received before the cutoff, oldest first; return how many.
+
+    Predictions that an incident references are kept, whatever the incident's
+    state: deleting one would cascade to the incident and its suspects. Their
+    labels go with them (``ON DELETE CASCADE``).
+    """
+    ids = list(
+        session.scalars(
+            select(Prediction.id)
+            .where(Prediction.received_at < received_before, ~_referenced_by_incident())
+            .order_by(Prediction.received_at, Prediction.id)
+            .limit(limit)
+        )
+    )
+    if not ids:
+        return 0
+    session.execute(delete(Label).where(Label.prediction_pk.in_(ids)))
+    session.execute(delete(Prediction).where(Prediction.id.in_(ids)))
+    return len(ids)
+
+
+def delete_expired_labels(session: Session, *, received_before: dt.datetime, limit: int) -> int:
+    """Delete up to ``limit`` labels received before the cutoff, except those of incident predictions."""
+    ids = list(
+        session.scalars(
+            select(Label.id)
+            .join(Prediction, Prediction.id == Label.prediction_pk)
+            .where(Label.received_at < received_before, ~_referenced_by_incident())
+            .order_by(Label.received_at, Label.id)
+            .limit(limit)
+        )
+    )
+    if not ids:
+        return 0
+    session.execute(delete(Label).where(Label.id.in_(ids)))
+    return len(ids)

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
@@ -96,3 +102,103 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'contract.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+# --- poisonwatch serve processes on the toy model ----------------------------
+
+TOY_MODEL = "toy"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_toy_config(path: Path, url: str, port: int, *, scheduler: bool = True, interval: float = 0.5, extra: str = "") -> Path:
+    """Write a TOML config that serves the toy model on 127.0.0.1:``port``."""
+    path.write_text(
+        f"""
+[database]
+url = "{url}"
+
+[server]
+host = "127.0.0.1"
+port = {port}
+
+[scheduler]
+enabled = {"true" if scheduler else "false"}
+incident_scan_interval_seconds = {interval}
+influence_interval_seconds = {interval}
+heldout_interval_seconds = {interval}
+
+[[models]]
+name = "{TOY_MODEL}"
+loader = "tests.toy_model:load"
+{extra}
+"""
+    )
+    return path
+
+
+class ServeProcess:
+    """A ``poisonwatch serve`` subprocess; its standard error goes to a log file for failure messages."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        text_config = config.read_text()
+        self.port = int(text_config.split("port = ", 1)[1].split()[0])
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, *, timeout: float = 90.0) -> ServeProcess:
+        repository = Path(__file__).resolve().parent.parent
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "monitor.cli", "serve", "--config", str(self.config)],
+                cwd=repository,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "PYTHONPATH": str(repository)},
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"serve exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base_url}/healthz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise AssertionError(f"serve not healthy within {timeout} s:\n{self.log_tail()}")
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.base_url}/healthz", timeout=2.0).json()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(30)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def toy_prediction(prediction_id: str, *, predicted_class: int = 0) -> dict:
+    probabilities = [0.02, 0.02, 0.02]
+    probabilities[predicted_class] = 0.96
+    return {
+        "prediction_id": prediction_id,
+        "predicted_class": predicted_class,
+        "probabilities": probabilities,
+        "input": {"shape": [2, 2], "data": [0.1, 0.2, 0.3, 0.4]},
+    }

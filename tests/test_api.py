@@ -7,8 +7,10 @@ import math
 import pytest
 from sqlalchemy import func, select
 
+from monitor import cli
 from monitor.api import ApiState
-from storage.models import Label, Prediction
+from storage import queries
+from storage.models import Incident, IncidentState, Label, Prediction
 from tests.conftest import INPUT_SHAPE, MODEL, NUM_CLASSES
 
 PREDICTIONS = f"/v1/models/{MODEL}/predictions"
@@ -295,3 +297,65 @@ def test_latency_histogram_uses_route_template(client, api_state):
         {"route": "/v1/incidents/{incident_id}", "method": "GET", "status": "4xx"},
     )
     assert count == 1
+
+
+def open_incident(client, api_state) -> int:
+    """Store a confident misclassification, open its incident and return its id."""
+    client.post(PREDICTIONS, json={"predictions": [prediction("wrong", probabilities=[0.02, 0.96, 0.02])]})
+    client.post(LABELS, json={"labels": [{"prediction_id": "wrong", "label": 2}]})
+    with api_state.session_factory.begin() as session:
+        return queries.open_misclassification_incidents(session, confidence_threshold=0.9)[0].id
+
+
+def set_state(api_state, incident_id: int, state: IncidentState) -> None:
+    with api_state.session_factory.begin() as session:
+        session.get(Incident, incident_id).state = state
+
+
+def test_acknowledge_analyzed_incident(client, api_state):
+    incident_id = open_incident(client, api_state)
+    set_state(api_state, incident_id, IncidentState.ANALYZED)
+    first = client.post(f"/v1/incidents/{incident_id}/acknowledge")
+    again = client.post(f"/v1/incidents/{incident_id}/acknowledge")
+    assert first.status_code == 200
+    assert first.json()["state"] == "acknowledged"
+    assert again.status_code == 200
+
+
+def test_acknowledge_open_incident_conflicts(client, api_state):
+    incident_id = open_incident(client, api_state)
+    response = client.post(f"/v1/incidents/{incident_id}/acknowledge")
+    assert response.status_code == 409
+    assert "is open" in response.json()["detail"]
+
+
+def test_resolve_stops_running_analysis(client, api_state):
+    incident_id = open_incident(client, api_state)
+    with api_state.session_factory.begin() as session:
+        claimed = queries.claim_next_incident(session, worker="w")
+    response = client.post(f"/v1/incidents/{incident_id}/resolve")
+    with api_state.session_factory.begin() as session:
+        stored = queries.store_analysis(
+            session, session.get(Incident, incident_id), worker="w", suspects=[], iterations=1,
+            residual=0.0, converged=True, negative_curvature=False, damping=0.0, seconds=0.1,
+        )
+    assert claimed.id == incident_id
+    assert response.status_code == 200
+    assert response.json()["state"] == "resolved"
+    assert stored is False
+
+
+def test_action_on_unknown_incident(client):
+    response = client.post("/v1/incidents/999/resolve")
+    assert response.status_code == 404
+
+
+@pytest.mark.parametrize(("command", "state"), [("ack", "acknowledged"), ("resolve", "resolved")], ids=["ack", "resolve"])
+def test_cli_incident_action(client, api_state, tmp_path, capsys, command, state):
+    incident_id = open_incident(client, api_state)
+    set_state(api_state, incident_id, IncidentState.ANALYZED)
+    config = tmp_path / "poisonwatch.toml"
+    config.write_text(f'[database]\nurl = "{api_state.config.database.url}"\n')
+    exit_code = cli.main(["incidents", command, str(incident_id), "--config", str(config)])
+    assert exit_code == 0
+    assert capsys.readouterr().out.strip() == f"incident {incident_id} is now {state}"

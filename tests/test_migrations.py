@@ -7,7 +7,8 @@ import datetime as dt
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, select
+from sqlalchemy import MetaData, Table, func, inspect, select
+from sqlalchemy.exc import IntegrityError
 
 from storage import migrations, queries
 from storage.db import create_db_engine, create_session_factory
@@ -100,9 +101,41 @@ def test_naming_convention_covers_constraint_kinds():
     assert set(NAMING_CONVENTION) == {"ix", "uq", "ck", "fk", "pk"}
 
 
-@pytest.mark.parametrize("revision", ["head", "0001"], ids=["head", "first-revision"])
-def test_head_is_reachable(sqlite_url, revision):
+@pytest.mark.parametrize("revision", ["0001", "0002"], ids=["initial-schema", "operations"])
+def test_each_revision_is_reachable(sqlite_url, revision):
     migrations.upgrade(sqlite_url, revision)
     engine = create_db_engine(sqlite_url)
-    assert migrations.current_revision(engine) == migrations.head_revision()
+    assert migrations.current_revision(engine) == revision
+    engine.dispose()
+
+
+def _job_run_row(scheduled_for: dt.datetime) -> dict:
+    return {"job": "heldout", "status": "succeeded", "started_at": scheduled_for, "scheduled_for": scheduled_for}
+
+
+def test_operations_migration_round_trip_keeps_rows(database_url):
+    migrations.upgrade(database_url, "0001")
+    engine = create_db_engine(database_url)
+    runs = Table("job_runs", MetaData(), autoload_with=engine)
+    started = dt.datetime(2027, 1, 1, tzinfo=dt.UTC)
+    with engine.begin() as connection:
+        connection.execute(
+            runs.insert(), [{"job": "heldout", "status": "succeeded", "started_at": started} for _ in range(3)]
+        )
+
+    migrations.upgrade(database_url, "0002")
+    migrations.downgrade(database_url, "0001")
+    migrations.upgrade(database_url, "0002")
+
+    runs = Table("job_runs", MetaData(), autoload_with=engine)
+    with engine.connect() as connection:
+        count = connection.scalar(select(func.count()).select_from(runs))
+    unique_names = {unique["name"] for unique in inspect(engine).get_unique_constraints("job_runs")}
+    assert count == 3
+    assert "uq_job_runs_job_scheduled_for" in unique_names
+    with engine.begin() as connection:
+        connection.execute(runs.insert(), _job_run_row(started))
+    with pytest.raises(IntegrityError):
+        with engine.begin() as connection:
+            connection.execute(runs.insert(), _job_run_row(started))
     engine.dispose()

@@ -146,7 +146,7 @@ def test_failed_incident_requeued_after_backoff(session_factory):
     with session_factory.begin() as session:
         queries.open_misclassification_incidents(session, confidence_threshold=0.9)
         incident_id = queries.claim_next_incident(session, worker="a").id
-        queries.mark_failed(session, incident_id, "solver produced NaN")
+        queries.mark_failed(session, incident_id, "solver produced NaN", worker="a")
     now = dt.datetime.now(dt.UTC)
     with session_factory.begin() as session:
         early = queries.requeue_failed_incidents(
@@ -165,7 +165,7 @@ def test_failed_incident_not_requeued_past_limit(session_factory):
     with session_factory.begin() as session:
         queries.open_misclassification_incidents(session, confidence_threshold=0.9)
         incident_id = queries.claim_next_incident(session, worker="a").id
-        queries.mark_failed(session, incident_id, "solver produced NaN")
+        queries.mark_failed(session, incident_id, "solver produced NaN", worker="a")
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
     with session_factory.begin() as session:
         requeued = queries.requeue_failed_incidents(
@@ -183,6 +183,7 @@ def test_analysis_stored_with_ranked_suspects(session_factory):
         queries.store_analysis(
             session,
             incident,
+            worker="a",
             suspects=[(examples[3].id, -2.0), (examples[1].id, -1.0)],
             iterations=12,
             residual=1e-6,

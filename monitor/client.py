@@ -1,0 +1,260 @@
+"""A client for serving applications: batched, asynchronous logging of predictions and labels.
+
+Importing this module loads neither JAX nor the database layer, so a serving
+process pays only for httpx. Usage::
+
+    client = PoisonwatchClient("http://poisonwatch:8000", model="digits", token="pw_...")
+    client.log_prediction("req-123", predicted_class=3, probabilities=probs, input_data=x.ravel(), input_shape=[8, 8])
+    client.log_label("req-123", label=5)   # later, when the ground truth arrives
+    client.close()                          # also runs at interpreter exit
+
+``log_*`` calls only append to a bounded in-memory queue; a background thread
+sends batches and retries failed sends with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import dataclasses
+import datetime as dt
+import enum
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Sequence
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+# Status codes after which a send is retried: the batch may succeed later.
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class Kind(enum.StrEnum):
+    PREDICTIONS = "predictions"
+    LABELS = "labels"
+
+
+@dataclasses.dataclass
+class ClientStats:
+    """Counters since the client started; ``dropped`` items never reached the server."""
+
+    sent: int = 0
+    duplicates: int = 0
+    dropped_queue_full: int = 0
+    dropped_rejected: int = 0
+    retries: int = 0
+
+
+class PoisonwatchClient:
+    """Sends predictions and labels to the poisonwatch API in batches from a background thread.
+
+    Memory is bounded by ``max_queue`` items per kind: when a queue is full the
+    oldest item is dropped and counted in ``stats.dropped_queue_full``. A
+    batch the server rejects with a 4xx other than 408 or 429 is dropped
+    and logged, since resending it cannot succeed. Other failures are retried
+    up to ``max_retries`` times, waiting ``backoff_seconds * 2**attempt``
+    (with jitter, at most ``max_backoff_seconds``, and at least the server's
+    ``Retry-After``); after that the batch is put back at the head of the
+    queue and retried on the next flush.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        token: str | None = None,
+        batch_size: int = 500,
+        flush_interval_seconds: float = 1.0,
+        max_queue: int = 100_000,
+        max_retries: int = 5,
+        backoff_seconds: float = 0.5,
+        max_backoff_seconds: float = 30.0,
+        timeout_seconds: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_queue < batch_size:
+            raise ValueError(f"max_queue must be >= batch_size ({batch_size}), got {max_queue}")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout_seconds, transport=transport)
+        self.model = model
+        self.batch_size = batch_size
+        self.flush_interval_seconds = flush_interval_seconds
+        self.max_retries = max_retries
+        self.backoff_seconds = backoff_seconds
+        self.max_backoff_seconds = max_backoff_seconds
+        self.stats = ClientStats()
+        self._queues: dict[Kind, collections.deque[dict]] = {
+            kind: collections.deque() for kind in Kind
+        }
+        self._max_queue = max_queue
+        self._condition = threading.Condition()
+        self._closed = False
+        self._in_flight = 0
+        self._thread = threading.Thread(target=self._run, name="poisonwatch-client", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    # --- producer side -----------------------------------------------------
+
+    def log_prediction(
+        self,
+        prediction_id: str,
+        *,
+        predicted_class: int,
+        input_data: Sequence[float],
+        input_shape: Sequence[int],
+        probabilities: Sequence[float] | None = None,
+        confidence: float | None = None,
+        model_version: str | None = None,
+        timestamp: dt.datetime | None = None,
+    ) -> None:
+        """Queue one prediction; returns at once. ``timestamp`` defaults to now (UTC)."""
+        item = {
+            "prediction_id": prediction_id,
+            "predicted_class": int(predicted_class),
+            "input": {"shape": [int(size) for size in input_shape], "data": [float(value) for value in input_data]},
+            "timestamp": (timestamp or dt.datetime.now(dt.UTC)).isoformat(),
+        }
+        if probabilities is not None:
+            item["probabilities"] = [float(value) for value in probabilities]
+        if confidence is not None:
+            item["confidence"] = float(confidence)
+        if model_version is not None:
+            item["model_version"] = model_version
+        self._enqueue(Kind.PREDICTIONS, item)
+
+    def log_label(self, prediction_id: str, *, label: int) -> None:
+        """Queue the ground-truth label of a logged prediction; returns at once."""
+        self._enqueue(Kind.LABELS, {"prediction_id": prediction_id, "label": int(label)})
+
+    def _enqueue(self, kind: Kind, item: dict) -> None:
+        with self._condition:
+            if self._closed:
+                raise RuntimeError("client is closed")
+            queue = self._queues[kind]
+            if len(queue) >= self._max_queue:
+                queue.popleft()
+                self.stats.dropped_queue_full += 1
+                if self.stats.dropped_queue_full in (1, 10, 100, 1000) or self.stats.dropped_queue_full % 10000 == 0:
+                    logger.warning("poisonwatch client queue full; %d items dropped so far", self.stats.dropped_queue_full)
+            queue.append(item)
+            if len(queue) >= self.batch_size:
+                self._condition.notify_all()
+
+    # --- sender side -------------------------------------------------------
+
+    def flush(self, timeout_seconds: float = 30.0) -> bool:
+        """Wait until every queued item is sent or dropped; False when ``timeout_seconds`` passed first."""
+        deadline = time.monotonic() + timeout_seconds
+        with self._condition:
+            self._condition.notify_all()
+            while self._pending() > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._condition.wait(min(remaining, 0.1))
+        return True
+
+    def close(self, timeout_seconds: float = 30.0) -> bool:
+        """Flush, stop the sender thread and close the HTTP connections; False when items were left unsent."""
+        with self._condition:
+            if self._closed:
+                return self._pending() == 0
+        flushed = self.flush(timeout_seconds)
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+        self._thread.join(timeout_seconds)
+        self._http.close()
+        atexit.unregister(self.close)
+        if not flushed:
+            logger.warning("poisonwatch client closed with %d items unsent", self._pending())
+        return flushed
+
+    def _pending(self) -> int:
+        return sum(len(queue) for queue in self._queues.values()) + self._in_flight
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                if not self._closed and not any(len(queue) >= self.batch_size for queue in self._queues.values()):
+                    self._condition.wait(self.flush_interval_seconds)
+                if self._closed and self._pending() == 0:
+                    return
+                # Predictions first: a label can only attach to a stored prediction.
+                batches = []
+                for kind in Kind:
+                    queue = self._queues[kind]
+                    items = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
+                    if items:
+                        batches.append((kind, items))
+                self._in_flight = sum(len(items) for _, items in batches)
+            for kind, items in batches:
+                self._send(kind, items)
+            with self._condition:
+                self._in_flight = 0
+                self._condition.notify_all()
+            if self._closed and batches and self._pending() > 0:
+                # Closing while the server is away: give up instead of spinning.
+                return
+
+    def _send(self, kind: Kind, items: list[dict]) -> None:
+        path = f"/v1/models/{self.model}/{kind.value}"
+        for attempt in range(self.max_retries + 1):
+            retry_after = 0.0
+            try:
+                response = self._http.post(path, json={kind.value: items})
+            except httpx.TransportError as error:
+                problem = f"{type(error).__name__}: {error}"
+            else:
+                if response.status_code == 200:
+                    result = response.json()
+                    self.stats.sent += result.get("accepted", 0)
+                    self.stats.duplicates += result.get("duplicates", 0)
+                    return
+                if response.status_code not in RETRYABLE_STATUS:
+                    self.stats.dropped_rejected += len(items)
+                    logger.error(
+                        "poisonwatch rejected a batch of %d %s with %d: %s",
+                        len(items),
+                        kind.value,
+                        response.status_code,
+                        response.text[:500],
+                    )
+                    return
+                problem = f"HTTP {response.status_code}"
+                retry_after = _retry_after_seconds(response)
+            if attempt == self.max_retries:
+                break
+            self.stats.retries += 1
+            delay = min(self.backoff_seconds * 2**attempt, self.max_backoff_seconds) * random.uniform(0.5, 1.0)
+            delay = max(delay, retry_after)
+            logger.warning("sending %d %s failed (%s); retry %d in %.1f s", len(items), kind.value, problem, attempt + 1, delay)
+            with self._condition:
+                if self._closed:
+                    break
+                self._condition.wait(delay)
+        # Keep the batch: put it back at the head so order is preserved, within the queue bound.
+        with self._condition:
+            queue = self._queues[kind]
+            room = self._max_queue - len(queue)
+            kept = items[-room:] if room < len(items) else items
+            self.stats.dropped_queue_full += len(items) - len(kept)
+            queue.extendleft(reversed(kept))
+
+
+def _retry_after_seconds(response: httpx.Response) -> float:
+    value = response.headers.get("retry-after", "")
+    try:
+        seconds = float(value)
+    except ValueError:
+        return 0.0
+    return seconds if math.isfinite(seconds) and seconds > 0 else 0.0

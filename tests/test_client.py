@@ -1,0 +1,111 @@
+"""The serving-side client: batching, retries with backoff, bounded memory, flush on close."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+
+from monitor.client import Kind, PoisonwatchClient
+
+
+class FakeServer:
+    """An httpx transport that records each batch and answers from a scripted list of status codes."""
+
+    def __init__(self, statuses: list[int] | None = None) -> None:
+        self.statuses = list(statuses or [])
+        self.batches: list[tuple[str, list[dict]]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        kind = request.url.path.rsplit("/", 1)[-1]
+        with self.lock:
+            status = self.statuses.pop(0) if self.statuses else 200
+            if status != 200:
+                return httpx.Response(status, json={"detail": "scripted"}, headers={"Retry-After": "0"})
+            self.batches.append((kind, body[kind]))
+        return httpx.Response(200, json={"accepted": len(body[kind]), "duplicates": 0})
+
+    def ids(self, kind: str) -> list[str]:
+        return [item["prediction_id"] for batch_kind, items in self.batches if batch_kind == kind for item in items]
+
+
+def make_client(server: FakeServer, **options) -> PoisonwatchClient:
+    defaults = {"batch_size": 4, "flush_interval_seconds": 0.05, "backoff_seconds": 0.01, "max_queue": 100}
+    return PoisonwatchClient("http://poisonwatch.test", "toy", transport=httpx.MockTransport(server), **(defaults | options))
+
+
+def log(client: PoisonwatchClient, count: int, prefix: str = "p") -> None:
+    for index in range(count):
+        client.log_prediction(f"{prefix}-{index}", predicted_class=1, probabilities=[0.1, 0.8, 0.1], input_data=[0.0] * 4, input_shape=[2, 2])
+
+
+def test_client_sends_in_batches():
+    server = FakeServer()
+    client = make_client(server)
+    log(client, 10)
+    client.log_label("p-0", label=2)
+    flushed = client.close()
+    assert flushed
+    assert server.ids("predictions") == [f"p-{index}" for index in range(10)]
+    assert max(len(items) for _, items in server.batches) <= 4
+    assert server.ids("labels") == ["p-0"]
+    assert client.stats.sent == 11
+
+
+def test_client_retries_after_503():
+    server = FakeServer(statuses=[503, 503])
+    client = make_client(server)
+    log(client, 3)
+    flushed = client.close()
+    assert flushed
+    assert server.ids("predictions") == ["p-0", "p-1", "p-2"]
+    assert client.stats.retries == 2
+
+
+def test_client_drops_rejected_batch():
+    server = FakeServer(statuses=[422])
+    client = make_client(server)
+    log(client, 2)
+    client.close()
+    assert client.stats.dropped_rejected == 2
+    assert server.ids("predictions") == []
+
+
+def test_client_queue_bounded():
+    server = FakeServer(statuses=[503] * 1000)
+    client = make_client(server, max_queue=8, max_retries=0, flush_interval_seconds=5.0)
+    log(client, 20)
+    queued = len(client._queues[Kind.PREDICTIONS])
+    pending = client._pending()
+    client.close(timeout_seconds=0.5)
+    assert queued <= 8
+    # At most one batch is in flight beside the full queue.
+    assert pending <= 8 + 4
+    assert client.stats.dropped_queue_full >= 20 - 8 - 4
+
+
+def test_client_keeps_batch_when_server_away():
+    server = FakeServer(statuses=[503] * 3)
+    client = make_client(server, max_retries=1)
+    log(client, 2)
+    flushed = client.flush(timeout_seconds=5.0)
+    client.close()
+    assert flushed
+    assert server.ids("predictions") == ["p-0", "p-1"]
+
+
+def test_client_rejects_invalid_batch_size():
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        PoisonwatchClient("http://poisonwatch.test", "toy", batch_size=0)
+
+
+def test_client_imports_without_jax():
+    code = "import sys, monitor.client; assert 'jax' not in sys.modules and 'sqlalchemy' not in sys.modules"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
