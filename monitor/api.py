@@ -24,7 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -142,6 +142,12 @@ def _endpoint_of(path: str) -> Endpoint | None:
     return None
 
 
+def _plain_message(problem: dict[str, Any]) -> str:
+    # Errors raised by our validators carry pydantic's "Value error, " prefix.
+    message = str(problem.get("msg", ""))
+    return message.removeprefix("Value error, ")
+
+
 def _field_name(location: tuple[Any, ...]) -> str:
     parts = [str(part) for part in location if part != "body"]
     name = ""
@@ -193,13 +199,18 @@ def create_app(state: ApiState) -> FastAPI:
     async def handle_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = error.errors()
         malformed = any(problem.get("type") == "json_invalid" for problem in problems)
-        fields = [
-            schemas.FieldError(field=_field_name(tuple(problem.get("loc", ()))), message=problem.get("msg", ""))
-            for problem in problems
-        ]
         if malformed:
+            # For invalid JSON, pydantic's location is a character offset, not a field.
+            fields = [
+                schemas.FieldError(field="body", message=f"{problem.get('msg', '')} at character {problem.get('loc', ('', '?'))[-1]}")
+                for problem in problems
+            ]
             detail = "request body is not valid JSON: " + "; ".join(field.message for field in fields)
             return reject(request, ApiError(400, RejectReason.MALFORMED, detail, fields))
+        fields = [
+            schemas.FieldError(field=_field_name(tuple(problem.get("loc", ()))), message=_plain_message(problem))
+            for problem in problems
+        ]
         detail = "; ".join(f"{field.field}: {field.message}" for field in fields[:5])
         if len(fields) > 5:
             detail += f"; and {len(fields) - 5} more"
@@ -477,12 +488,6 @@ def create_app(state: ApiState) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
-        from monitor.metrics import job_intervals
-
-        # The job-overdue alert needs each job's interval, but only from the
-        # process whose scheduler runs the jobs.
-        if state.scheduler_running:
-            state.metrics.record_job_intervals(job_intervals(state.config.scheduler))
         return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", response_model=schemas.Health, responses={503: {"model": schemas.Health}})

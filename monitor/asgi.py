@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from monitor import api
+from monitor.auth import TokenVerifier
 from monitor.config import load_config
 from monitor.errors import ConfigError, DatabaseNotMigratedError
 from monitor.metrics import Metrics
@@ -72,6 +73,12 @@ def create_app() -> FastAPI:
     # The registry below holds this worker's metric objects; their values go
     # to files in metrics_dir, and /metrics reads those files.
     metrics = Metrics(CollectorRegistry(), model_names, session_factory, multiprocess_dir=metrics_dir)
-    state = api.ApiState(config=config, session_factory=session_factory, metrics=metrics)
+    # Workers bind to the configured host, so the same token rule applies as for serve.
+    state = api.ApiState(
+        config=config,
+        session_factory=session_factory,
+        metrics=metrics,
+        auth=TokenVerifier.for_server(config.server.host, config.server.token_sha256),
+    )
     logger.info("API worker %d serving %d models", os.getpid(), len(model_names))
     return api.create_app(state)

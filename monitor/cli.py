@@ -1,4 +1,4 @@
-"""The ``poisonwatch`` command line: serve, demo, db, incidents and token.
+"""The poisonwatch command line: serve, demo, db, incidents and token.
 
 Results go to standard output; logs go to standard error.
 """
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from monitor.config import load_config
 from monitor.errors import PoisonwatchError
+from storage.models import IncidentState
 
 logger = logging.getLogger("monitor")
 
@@ -41,7 +42,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     daemon = Daemon(config)
-    daemon.start()
+    try:
+        daemon.start()
+    except BaseException:
+        daemon.stop()
+        raise
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     logger.info("serving on %s", daemon.base_url)
     try:
@@ -58,9 +63,25 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     from storage.db import masked_url
 
     config = load_config(args.config)
+    before = _revision_of(config.database.url)
     migrations.upgrade(config.database.url, args.revision)
-    print(f"database {masked_url(config.database.url)} is at revision {args.revision}")
+    after = _revision_of(config.database.url)
+    if before == after:
+        print(f"database {masked_url(config.database.url)} is already at revision {after}; nothing to do")
+    else:
+        print(f"database {masked_url(config.database.url)} migrated from {before or 'empty'} to {after}")
     return 0
+
+
+def _revision_of(url: str) -> str | None:
+    from storage import migrations
+    from storage.db import create_db_engine
+
+    engine = create_db_engine(url)
+    try:
+        return migrations.current_revision(engine)
+    finally:
+        engine.dispose()
 
 
 def _db_downgrade(args: argparse.Namespace) -> int:
@@ -77,13 +98,13 @@ def _incidents_list(args: argparse.Namespace) -> int:
     from monitor.api import incident_summary
     from storage import queries
     from storage.db import create_db_engine, create_session_factory
-    from storage.models import IncidentState
 
     config = load_config(args.config)
     session_factory = create_session_factory(create_db_engine(config.database.url))
     with session_factory() as session:
         state = IncidentState(args.state) if args.state else None
-        incidents = [incident_summary(i) for i in queries.list_incidents(session, state=state, limit=args.limit)]
+        found = queries.list_incidents(session, state=state, model=args.model, limit=args.limit)
+        incidents = [incident_summary(incident) for incident in found]
     if args.json:
         print(json.dumps([incident.model_dump() for incident in incidents], indent=2))
         return 0
@@ -199,13 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     incidents = commands.add_parser("incidents", help="inspect incidents").add_subparsers(dest="incidents_command", required=True)
     listing = with_config(incidents.add_parser("list", help="list incidents, newest first"))
-    listing.add_argument("--state", help="only incidents in this state")
-    listing.add_argument("--limit", type=int, default=50)
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--state", choices=[state.value for state in IncidentState], help="only incidents in this state")
+    listing.add_argument("--model", help="only incidents of this model")
+    listing.add_argument("--limit", type=int, default=50, help="most incidents to list (default 50)")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(handler=_incidents_list)
     show = with_config(incidents.add_parser("show", help="show one incident with its suspects"))
     show.add_argument("id", type=int)
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--json", action="store_true", help="print JSON instead of tables")
     show.set_defaults(handler=_incidents_show)
     ack = with_config(incidents.add_parser("ack", help="acknowledge an analyzed or failed incident"))
     ack.add_argument("id", type=int)

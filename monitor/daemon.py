@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 from monitor.api import ApiState, create_app
 from monitor.auth import TokenVerifier, is_loopback
 from monitor.config import Config
-from monitor.errors import AuthenticationConfigError, DatabaseNotMigratedError
+from monitor.errors import AuthenticationConfigError, DatabaseNotMigratedError, ServerStartError
 from monitor.jobs import JobContext
 from monitor.metrics import Metrics
 from monitor.registry import ModelRegistry
@@ -84,13 +84,14 @@ class Daemon:
         if not is_loopback(self.config.server.host) and not self.config.server.token_sha256:
             raise AuthenticationConfigError(self.config.server.host)
         self.models.load_all()
+        # The server starts first, so a port in use stops start-up before any job runs.
+        if serve_http:
+            self._start_server()
         if self.config.scheduler.enabled:
             self.leadership = SchedulerLeadership(
                 self.context, scheduler_lock_for(self.config.database.url), self._set_scheduler_running
             )
             self.leadership.start()
-        if serve_http:
-            self._start_server()
 
     def _set_scheduler_running(self, running: bool) -> None:
         self.api_state.scheduler_running = running
@@ -112,7 +113,10 @@ class Daemon:
         self._server_thread.start()
         while not self._server.started:
             if not self._server_thread.is_alive():
-                raise RuntimeError(f"HTTP server failed to start on {self.config.server.host}:{self.config.server.port}")
+                raise ServerStartError(
+                    f"HTTP server failed to listen on {self.config.server.host}:{self.config.server.port}; "
+                    "is another process using the port? Set [server] port, or 0 for a free one"
+                )
             threading.Event().wait(0.05)
 
     @property

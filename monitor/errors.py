@@ -16,6 +16,10 @@ class ConfigError(PoisonwatchError):
     """The configuration file or an environment override is invalid."""
 
 
+class ServerStartError(PoisonwatchError):
+    """The HTTP server could not listen on the configured address, usually because the port is in use."""
+
+
 class LoaderError(PoisonwatchError):
     """A model loader could not be found, or returned something unusable."""
 

@@ -31,13 +31,6 @@ from storage.models import Incident, JobStatus
 logger = logging.getLogger(__name__)
 
 
-class ExtraJob(enum.StrEnum):
-    """Jobs beyond :class:`monitor.metrics.JobName`; their values are used as the same ``job`` label."""
-
-    # TODO: move into JobName, so its metric series are created at zero, once metrics.py takes it.
-    RETENTION = "retention"
-
-
 class JobSkipped(enum.Enum):
     """Return value of a scheduled run that did no work, so the listener records no success."""
 
@@ -224,7 +217,7 @@ def analyze_incident(context: JobContext, incident_id: int) -> None:
 
     bundle = context.registry.bundle_for(version)
     if bundle is None:
-        _fail(context, incident_id, f"model {version.model} version {version.version} is not the loaded version")
+        _fail(context, incident_id, version.model, f"model {version.model} version {version.version} is not the loaded version")
         return
 
     settings = context.config.influence
@@ -244,11 +237,11 @@ def analyze_incident(context: JobContext, incident_id: int) -> None:
             batch_size=settings.batch_size,
         )
     except FloatingPointError as error:
-        _fail(context, incident_id, f"influence produced non-finite values: {error}")
+        _fail(context, incident_id, version.model, f"influence produced non-finite values: {error}")
         return
     except Exception as error:  # noqa: BLE001 - the job boundary: store the reason, keep going
         logger.exception("influence analysis of incident %d failed", incident_id)
-        _fail(context, incident_id, f"influence analysis raised {type(error).__name__}: {error}")
+        _fail(context, incident_id, version.model, f"influence analysis raised {type(error).__name__}: {error}")
         return
     seconds = time.perf_counter() - started
 
@@ -285,8 +278,10 @@ def analyze_incident(context: JobContext, incident_id: int) -> None:
     logger.info("analyzed incident %d in %.2f s", incident_id, seconds)
 
 
-def _fail(context: JobContext, incident_id: int, reason: str) -> None:
+def _fail(context: JobContext, incident_id: int, model: str, reason: str) -> None:
     logger.error("incident %d analysis failed: %s", incident_id, reason)
+    if model in context.metrics.model_names:
+        context.metrics.influence_failures.labels(model=model).inc()
     with context.session_factory.begin() as session:
         if not queries.mark_failed(session, incident_id, reason, worker=context.worker):
             logger.warning("incident %d: claim released or incident resolved; failure not stored", incident_id)
@@ -353,5 +348,5 @@ JOBS: dict[str, Callable[[JobContext], object]] = {
     JobName.INCIDENT_SCAN: scan_incidents,
     JobName.INFLUENCE: analyze_incidents,
     JobName.HELDOUT: evaluate_heldout,
-    ExtraJob.RETENTION: apply_retention,
+    JobName.RETENTION: apply_retention,
 }

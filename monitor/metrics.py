@@ -49,6 +49,7 @@ class JobName(enum.StrEnum):
     INCIDENT_SCAN = "incident_scan"
     INFLUENCE = "influence"
     HELDOUT = "heldout"
+    RETENTION = "retention"
 
 
 class RejectReason(enum.StrEnum):
@@ -69,13 +70,20 @@ class Endpoint(enum.StrEnum):
     LABELS = "labels"
 
 
-def job_intervals(settings: SchedulerConfig) -> dict[JobName, float]:
-    """Return the configured interval of every scheduled job, in seconds."""
-    return {
+def job_intervals(settings: SchedulerConfig, *, retention_enabled: bool = False) -> dict[JobName, float]:
+    """Return the configured interval of every scheduled job, in seconds.
+
+    The retention job is scheduled, and so listed, only when a retention
+    period is configured.
+    """
+    intervals = {
         JobName.INCIDENT_SCAN: settings.incident_scan_interval_seconds,
         JobName.INFLUENCE: settings.influence_interval_seconds,
         JobName.HELDOUT: settings.heldout_interval_seconds,
     }
+    if retention_enabled:
+        intervals[JobName.RETENTION] = settings.retention_interval_seconds
+    return intervals
 
 
 class Metrics:
@@ -96,6 +104,8 @@ class Metrics:
         multiprocess_dir: str | Path | None = None,
     ) -> None:
         self.registry = registry
+        # Only configured model names become label values; anything else is dropped.
+        self.model_names = frozenset(models)
         stored_results = None if session_factory is None else StoredResultsCollector(session_factory, models)
         if multiprocess_dir is None:
             self.exposed_registry = registry
@@ -147,6 +157,12 @@ class Metrics:
             "Wall time of one incident's influence analysis, model loading excluded.",
             ["model"],
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=registry,
+        )
+        self.influence_failures = Counter(
+            f"{PREFIX}_influence_failures_total",
+            "Influence analyses that ended in the failed state (non-finite values, an exception, a model not loaded).",
+            ["model"],
             registry=registry,
         )
         self.influence_unconverged = Counter(
@@ -207,6 +223,7 @@ class Metrics:
             self.labels_ingested.labels(model=model)
             self.incidents_opened.labels(model=model)
             self.influence_unconverged.labels(model=model)
+            self.influence_failures.labels(model=model)
             self.influence_duration.labels(model=model)
 
     def record_job_intervals(self, intervals: Mapping[JobName, float]) -> None:

@@ -20,25 +20,18 @@ from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from monitor.errors import SchedulerLockedError
-from monitor.jobs import JOBS, ExtraJob, JobContext, JobSkipped, recorded
-from monitor.metrics import JobName
+from monitor.jobs import JOBS, JobContext, JobSkipped, recorded
+from monitor.metrics import JobName, job_intervals
 from storage import queries
 from storage.locks import SchedulerLock, SqliteFileLock
 
 logger = logging.getLogger(__name__)
 
 
-def _intervals(context: JobContext) -> dict[str, float]:
-    settings = context.config.scheduler
-    intervals: dict[str, float] = {
-        JobName.INCIDENT_SCAN: settings.incident_scan_interval_seconds,
-        JobName.INFLUENCE: settings.influence_interval_seconds,
-        JobName.HELDOUT: settings.heldout_interval_seconds,
-    }
+def _intervals(context: JobContext) -> dict[JobName, float]:
     retention = context.config.retention
-    if retention.predictions_days is not None or retention.labels_days is not None:
-        intervals[ExtraJob.RETENTION] = settings.retention_interval_seconds
-    return intervals
+    enabled = retention.predictions_days is not None or retention.labels_days is not None
+    return job_intervals(context.config.scheduler, retention_enabled=enabled)
 
 
 def build_scheduler(context: JobContext) -> BackgroundScheduler:
@@ -63,7 +56,10 @@ def build_scheduler(context: JobContext) -> BackgroundScheduler:
         timezone=dt.UTC,
     )
     now = dt.datetime.now(dt.UTC)
-    for job, seconds in _intervals(context).items():
+    intervals = _intervals(context)
+    # The job-overdue alert compares each job's last success with its interval.
+    context.metrics.record_job_intervals(intervals)
+    for job, seconds in intervals.items():
         scheduler.add_job(
             recorded(job, JOBS[job], interval_seconds=seconds),
             "interval",

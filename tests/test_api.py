@@ -91,6 +91,7 @@ def test_malformed_json_rejected(client, api_state):
     response = client.post(PREDICTIONS, content=b'{"predictions": [', headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert "not valid JSON" in response.json()["detail"]
+    assert response.json()["errors"][0]["field"] == "body"
     assert rejected(api_state, "predictions", "malformed") == 1
 
 
@@ -145,6 +146,7 @@ def test_invalid_prediction_names_problem(client, api_state, overrides, message)
     response = client.post(PREDICTIONS, json={"predictions": [prediction("ok"), body]})
     assert response.status_code == 422
     assert message in response.json()["detail"]
+    assert "Value error" not in response.json()["detail"]
     assert response.json()["detail"].startswith("predictions[1]")
     assert stored_counts(api_state) == (0, 0)
     assert rejected(api_state, "predictions", "invalid_field") == 1

@@ -121,6 +121,7 @@ def test_failed_analysis_stores_reason(migrated_url):
         daemon.stop()
     assert detail["state"] == "failed"
     assert "non-finite" in detail["failure_reason"]
+    assert daemon.metrics.registry.get_sample_value("poisonwatch_influence_failures_total", {"model": MODEL}) == 1
 
 
 def test_scheduler_analyzes_without_help(migrated_url):

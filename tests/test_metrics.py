@@ -7,6 +7,8 @@ from importlib import metadata
 import pytest
 from prometheus_client import CollectorRegistry
 
+from monitor.jobs import JobContext
+from monitor.scheduler import build_scheduler
 from monitor.metrics import MAX_CLASS_LABELS, BuildInfoCollector, JobName, Metrics, job_intervals
 from monitor.config import SchedulerConfig
 from storage import queries
@@ -103,12 +105,14 @@ def test_job_intervals_recorded():
     assert sample(metrics, "poisonwatch_job_interval_seconds", job="incident_scan") == 10
 
 
-def test_route_exports_intervals_with_scheduler(api_state, client):
+def test_scheduler_exports_job_intervals(api_state, client):
     before = client.get("/metrics").text
-    api_state.scheduler_running = True
+    context = JobContext(api_state.config, api_state.session_factory, registry=None, metrics=api_state.metrics)
+    build_scheduler(context)
     after = client.get("/metrics").text
     assert "poisonwatch_job_interval_seconds{" not in before
     assert 'poisonwatch_job_interval_seconds{job="influence"} 5.0' in after
+    assert 'poisonwatch_job_interval_seconds{job="retention"}' not in after
 
 
 def test_build_info_without_jax():
@@ -124,4 +128,4 @@ def test_build_info_without_jax():
 
 
 def test_job_names_are_bounded():
-    assert {job.value for job in JobName} == {"incident_scan", "influence", "heldout"}
+    assert {job.value for job in JobName} == {"incident_scan", "influence", "heldout", "retention"}
