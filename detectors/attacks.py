@@ -12,6 +12,7 @@ Everything here is pure computation on arrays and pytrees.
 from __future__ import annotations
 
 import math
+from enum import Enum
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -333,3 +334,256 @@ def _validate_class(attacker_class: int, num_classes: int) -> None:
         raise ValueError(f"attacker_class must be an integer in [0, {num_classes}), got {attacker_class!r}")
     if not 0 <= attacker_class < num_classes:
         raise ValueError(f"attacker_class must be in [0, {num_classes}), got {attacker_class}")
+
+
+# Clean-label drills: the poisons keep their correct labels.
+
+
+class CleanLabelMethod(str, Enum):
+    """The crafting method of :func:`plant_clean_label_attack`."""
+
+    FEATURE_COLLISION = "feature-collision"
+    GRADIENT_MATCHING = "gradient-matching"
+
+
+def nearest_bases(train_x: np.ndarray, train_y: np.ndarray, target_x: np.ndarray, attacker_class: int, count: int) -> np.ndarray:
+    """Return the rows of the ``count`` training examples of ``attacker_class`` nearest the target (L2, input space)."""
+    candidates = np.flatnonzero(train_y == attacker_class)
+    if len(candidates) < count:
+        raise ValueError(
+            f"num_poisons={count} exceeds the {len(candidates)} training examples of class {attacker_class}"
+        )
+    distances = np.linalg.norm((train_x[candidates] - target_x).reshape(len(candidates), -1), axis=1)
+    return np.sort(candidates[np.argsort(distances, kind="stable")[:count]]).astype(np.int64)
+
+
+def craft_feature_collision_poisons(
+    embed: ApplyFn,
+    params: Params,
+    target_x: np.ndarray,
+    base_x: np.ndarray,
+    *,
+    epsilon: float,
+    steps: int = 100,
+    step_size: float | None = None,
+    clip: tuple[float, float] = (0.0, 1.0),
+) -> np.ndarray:
+    """Perturb base images so that their features collide with the target's (Shafahi et al., 2018, "Poison Frogs!").
+
+    Each poison minimises ``||embed(params, x_p) - embed(params, target)||²`` by
+    projected signed-gradient steps inside the L-infinity ball of radius
+    ``epsilon`` around its base image and inside ``clip``. The bases belong to
+    the attacker's class and keep that label, so a human reviewer finds
+    correctly labelled images. A model that trains on them learns to put the
+    target's features into the attacker's class. The attack is strongest
+    when the victim retrains only the layers after ``embed`` (transfer learning).
+
+    Args:
+        embed: ``embed(params, x) -> (B, D)`` penultimate features.
+        params: the parameters the attacker crafts against.
+        target_x: shape ``input_shape``.
+        base_x: ``(P, *input_shape)`` base images of the attacker's class.
+        epsilon: L-infinity budget, > 0.
+        steps: signed-gradient steps, >= 0.
+        step_size: defaults to ``2.5 * epsilon / steps``.
+        clip: valid input range.
+
+    Returns:
+        float32 ``(P, *input_shape)`` poisons within ``epsilon`` of their bases.
+    """
+    target = np.asarray(target_x, np.float32)
+    bases = np.asarray(base_x, np.float32)
+    low, high = _validate_clip(clip)
+    _validate_target(target, low, high)
+    _validate_at_least("steps", steps, 0)
+    _validate_positive("epsilon", epsilon)
+    if bases.ndim != target.ndim + 1 or bases.shape[1:] != target.shape or len(bases) == 0:
+        raise ValueError(f"base_x must have shape (P, *{target.shape}) with P >= 1, got {bases.shape}")
+    if step_size is None:
+        step_size = 2.5 * epsilon / max(steps, 1)
+    _validate_positive("step_size", step_size)
+    collide = _build_collision(embed, steps=steps, low=low, high=high)
+    return np.asarray(collide(params, jnp.asarray(target), jnp.asarray(bases), epsilon, step_size), np.float32)
+
+
+def _build_collision(embed: ApplyFn, *, steps: int, low: float, high: float):
+    def distance(poisons, params, target_features):
+        return jnp.sum((embed(params, poisons) - target_features) ** 2)
+
+    @jax.jit
+    def collide(params, target, bases, epsilon, step_size):
+        lower = jnp.maximum(bases - epsilon, low)
+        upper = jnp.minimum(bases + epsilon, high)
+        target_features = embed(params, target[None])
+
+        def step(_, poisons):
+            gradient = jax.grad(distance)(poisons, params, target_features)
+            return jnp.clip(poisons - step_size * jnp.sign(gradient), lower, upper)
+
+        return jax.lax.fori_loop(0, steps, step, bases)
+
+    return collide
+
+
+def craft_gradient_matching_poisons(
+    apply: ApplyFn,
+    params: Params,
+    target_x: np.ndarray,
+    attacker_class: int,
+    base_x: np.ndarray,
+    *,
+    epsilon: float,
+    steps: int = 100,
+    step_size: float | None = None,
+    clip: tuple[float, float] = (0.0, 1.0),
+) -> np.ndarray:
+    """Perturb base images so that their training gradient aligns with the target's adversarial gradient.
+
+    This is the gradient matching of Geiping et al. (2021, "Witches' Brew").
+    The adversarial gradient is ``∇θ loss(target, attacker_class)``. The poisons'
+    gradient is that of their own (correct) label, ``attacker_class``. Projected
+    signed-gradient steps inside the L-infinity ball of radius ``epsilon``
+    around each base maximise the cosine similarity of the two, so a training
+    step on the poisons also moves the target towards ``attacker_class``.
+
+    Args:
+        apply: ``apply(params, x) -> logits``.
+        params: the parameters the attacker crafts against.
+        target_x: shape ``input_shape``.
+        attacker_class: the label of the bases and the class the attacker wants.
+        base_x: ``(P, *input_shape)`` base images of ``attacker_class``.
+        epsilon: L-infinity budget, > 0.
+        steps: signed-gradient steps, >= 0.
+        step_size: defaults to ``2.5 * epsilon / steps``.
+        clip: valid input range.
+
+    Returns:
+        float32 ``(P, *input_shape)`` poisons within ``epsilon`` of their bases.
+    """
+    target = np.asarray(target_x, np.float32)
+    bases = np.asarray(base_x, np.float32)
+    low, high = _validate_clip(clip)
+    _validate_target(target, low, high)
+    _validate_at_least("steps", steps, 0)
+    _validate_positive("epsilon", epsilon)
+    _validate_class(attacker_class, _infer_num_classes(apply, params, target.shape))
+    if bases.ndim != target.ndim + 1 or bases.shape[1:] != target.shape or len(bases) == 0:
+        raise ValueError(f"base_x must have shape (P, *{target.shape}) with P >= 1, got {bases.shape}")
+    if step_size is None:
+        step_size = 2.5 * epsilon / max(steps, 1)
+    _validate_positive("step_size", step_size)
+    craft = _build_matching(apply, steps=steps, low=low, high=high)
+    return np.asarray(craft(params, jnp.asarray(target), jnp.asarray(bases), attacker_class, epsilon, step_size), np.float32)
+
+
+def _build_matching(apply: ApplyFn, *, steps: int, low: float, high: float):
+    def parameter_gradient(params, x, label):
+        def total_loss(theta):
+            labels = jnp.full((x.shape[0],), label, dtype=jnp.int32)
+            return optax.softmax_cross_entropy_with_integer_labels(apply(theta, x), labels).sum()
+
+        return ravel_pytree(jax.grad(total_loss)(params))[0]
+
+    def misalignment(poisons, params, target_gradient, label):
+        poison_gradient = parameter_gradient(params, poisons, label)
+        norms = jnp.linalg.norm(poison_gradient) * jnp.linalg.norm(target_gradient) + 1e-12
+        return 1.0 - jnp.dot(poison_gradient, target_gradient) / norms
+
+    @jax.jit
+    def craft(params, target, bases, label, epsilon, step_size):
+        lower = jnp.maximum(bases - epsilon, low)
+        upper = jnp.minimum(bases + epsilon, high)
+        target_gradient = parameter_gradient(params, target[None], label)
+
+        def step(_, poisons):
+            gradient = jax.grad(misalignment)(poisons, params, target_gradient, label)
+            return jnp.clip(poisons - step_size * jnp.sign(gradient), lower, upper)
+
+        return jax.lax.fori_loop(0, steps, step, bases)
+
+    return craft
+
+
+def plant_clean_label_attack(
+    method: CleanLabelMethod | str,
+    train_fn: TrainFn,
+    apply: ApplyFn,
+    clean_params: Params,
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    target_x: np.ndarray,
+    attacker_class: int,
+    *,
+    num_poisons: int,
+    epsilon: float,
+    embed: ApplyFn | None = None,
+    steps: int = 100,
+    confidence_threshold: float = 0.5,
+    clip: tuple[float, float] = (0.0, 1.0),
+) -> AttackOutcome:
+    """Perturb the training examples of ``attacker_class`` nearest the target, retrain, and report success.
+
+    The bases are the ``num_poisons`` training examples of ``attacker_class``
+    closest to the target in input space. They are replaced in place by their
+    poisoned versions, labels unchanged, so ``poison_indices`` are the bases'
+    rows and the training set keeps its size.
+
+    Args:
+        method: :class:`CleanLabelMethod`. Feature collision needs ``embed``.
+        train_fn: ``train_fn(x, y) -> params``, the victim's training.
+        apply: ``apply(params, x) -> logits``.
+        clean_params: the parameters the attacker crafts against.
+        train_x, train_y: the clean training set.
+        target_x: the input to be misclassified.
+        attacker_class: the class the attacker wants for the target.
+        num_poisons: how many training examples to perturb, >= 1.
+        epsilon: L-infinity budget per pixel, > 0.
+        embed: ``embed(params, x) -> features``, for feature collision.
+        steps: crafting steps.
+        confidence_threshold: probability of ``attacker_class`` on the target
+            that counts as success, in ``(0, 1]``.
+        clip: valid input range.
+
+    Returns:
+        An :class:`AttackOutcome`; ``poisoned_y`` equals ``train_y``.
+    """
+    method = CleanLabelMethod(method)
+    train_x = np.asarray(train_x)
+    train_y = np.asarray(train_y)
+    target = np.asarray(target_x, dtype=np.float32)
+    _validate_training_set(train_x, train_y, target)
+    _validate_at_least("num_poisons", num_poisons, 1)
+    if not 0.0 < confidence_threshold <= 1.0:
+        raise ValueError(f"confidence_threshold must be in (0, 1], got {confidence_threshold}")
+    if method is CleanLabelMethod.FEATURE_COLLISION and embed is None:
+        raise ValueError("feature collision needs embed(params, x) -> features")
+
+    rows = nearest_bases(train_x, train_y, target, attacker_class, num_poisons)
+    if method is CleanLabelMethod.FEATURE_COLLISION:
+        poisons = craft_feature_collision_poisons(
+            embed, clean_params, target, train_x[rows], epsilon=epsilon, steps=steps, clip=clip
+        )
+    else:
+        poisons = craft_gradient_matching_poisons(
+            apply, clean_params, target, attacker_class, train_x[rows], epsilon=epsilon, steps=steps, clip=clip
+        )
+    poisoned_x = train_x.copy()
+    poisoned_x[rows] = poisons
+    params = train_fn(poisoned_x, train_y)
+    return _outcome(apply, params, target, attacker_class, confidence_threshold, poisoned_x, train_y.copy(), rows)
+
+
+def _outcome(apply, params, target, attacker_class, confidence_threshold, poisoned_x, poisoned_y, rows) -> AttackOutcome:
+    logits = apply(params, jnp.asarray(target)[None])
+    probabilities = np.asarray(jax.nn.softmax(logits[0]))
+    prediction = int(np.argmax(probabilities))
+    confidence = float(probabilities[attacker_class])
+    return AttackOutcome(
+        poisoned_x=poisoned_x,
+        poisoned_y=poisoned_y,
+        poison_indices=rows,
+        params=params,
+        succeeded=prediction == attacker_class and confidence >= confidence_threshold,
+        target_confidence=confidence,
+        target_prediction=prediction,
+    )

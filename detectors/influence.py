@@ -16,53 +16,84 @@ true-label loss if z were removed from the training set. A negative score means
 that removing z would lower that loss, so z pushed the model toward the wrong
 class, and the most negative score ranks first (see :func:`top_k`).
 
-Computing it costs one inverse-Hessian-vector product, s = (H + λI)⁻¹∇loss_test
-by conjugate gradient (:func:`cg`), plus one forward-mode pass over the
-training set, because score(z) = (1/N)·∇loss(z)·s is the directional derivative
-of z's loss along s. No per-example gradient is ever formed. The damping λ
-makes CG usable on non-convex models, whose Hessian can have negative eigenvalues.
+Computing it costs one inverse-Hessian-vector product, s = (H + λI)⁻¹∇loss_test,
+plus one forward-mode pass over the training set, because
+score(z) = (1/N)·∇loss(z)·s is the directional derivative of z's loss along s.
+No per-example gradient is ever formed. The damping λ makes the solve usable
+on non-convex models, whose Hessian can have negative eigenvalues. The solve
+is conjugate gradient (:func:`detectors.solvers.cg`), LiSSA
+(:func:`detectors.solvers.lissa`) or the per-version low-rank factors of
+:mod:`detectors.factors`; H is the exact Hessian or its Gauss-Newton
+approximation (:func:`make_gauss_newton_hvp`, positive semi-definite).
 
-Training sets are read in batches of one fixed padded shape, so each jitted
-per-batch function compiles once per loss function and batch shape, and the
-arrays may be ``np.memmap`` files larger than memory.
+Training sets are read in batches of one fixed padded shape
+(:mod:`detectors.batching`), so each jitted per-batch function compiles once
+per loss function and batch shape, the arrays may be ``np.memmap`` files
+larger than memory, and a batch can be split over all local devices.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import NamedSharding
+
+from detectors.batching import fit_batch_size, padded_batches
+from detectors.factors import HessianFactors, ResidualTreatment, apply_inverse
+from detectors.solvers import (
+    CGResult,
+    cg,
+    check_nonnegative,
+    check_positive_int,
+    check_tol,
+    choose_damping,
+    estimate_extreme_eigenvalues,
+    lissa,
+    relative_residual,
+)
+
+__all__ = [
+    "CGResult",
+    "HessianKind",
+    "InfluenceReport",
+    "SolverKind",
+    "cg",
+    "compute_influence",
+    "incident_gradient",
+    "make_gauss_newton_hvp",
+    "make_objective_hvp",
+    "score_training_examples",
+    "top_k",
+]
 
 Params = Any  # a pytree of arrays
 Array = Any  # a jax.Array or a numpy array, np.memmap included
 LossFn = Callable[[Params, Array, Array], Array]
+ApplyFn = Callable[[Params, Array], Array]
+OutputLossFn = Callable[[Array, Array], Array]
 
 
-class CGResult(NamedTuple):
-    """The outcome of :func:`cg`.
+class SolverKind(str, enum.Enum):
+    """The inverse-HVP solver of :func:`compute_influence`."""
 
-    Attributes:
-        x: the last accepted iterate, a pytree shaped like ``b``.
-        iterations: int32 scalar, the number of CG steps taken. A step along
-            a direction of non-positive curvature is not taken or counted.
-        residual: float scalar, ``||b - A x|| / ||b||`` computed with one extra
-            application of ``A`` after the last step, so it does not inherit
-            the rounding drift of the recursive residual.
-        converged: bool scalar, ``residual <= tol``.
-        negative_curvature: bool scalar, True when a search direction ``p`` had
-            ``p·Ap <= 0``, which means ``A`` is not positive definite.
-    """
+    CG = "cg"
+    LISSA = "lissa"
+    FACTORS = "factors"
 
-    x: Params
-    iterations: jax.Array
-    residual: jax.Array
-    converged: jax.Array
-    negative_curvature: jax.Array
+
+class HessianKind(str, enum.Enum):
+    """Which curvature :func:`compute_influence` inverts."""
+
+    EXACT = "exact"
+    GAUSS_NEWTON = "gauss-newton"
 
 
 class InfluenceReport(NamedTuple):
@@ -71,13 +102,19 @@ class InfluenceReport(NamedTuple):
     Attributes:
         scores: float32 ``(N,)``, the predicted change of the incident's
             true-label loss if each training example were removed.
-        iterations: CG steps taken.
-        residual: the explicit relative residual of the inverse-HVP solve.
+        iterations: solver steps taken (0 for factors).
+        residual: the explicit relative residual ``||g - (H + damping·I) s|| / ||g||``
+            of the inverse-HVP solve; NaN when a factor solve skipped the check.
         converged: whether ``residual <= tol``. Rankings from an unconverged
-            solve are unreliable.
+            solve are unreliable, and no alert may claim a poison from them.
         negative_curvature: whether CG met a direction of non-positive
             curvature, so ``H + damping·I`` is indefinite at these parameters.
-        damping: the damping added to the Hessian.
+        damping: the damping added to the Hessian, chosen automatically when
+            :func:`compute_influence` got ``damping=None``.
+        solver: the :class:`SolverKind` value used.
+        diverged: whether LiSSA diverged at every scale it tried.
+        captured: for factor solves, the fraction of the incident gradient's
+            norm inside the factors' span; 1.0 for the other solvers.
     """
 
     scores: np.ndarray
@@ -86,168 +123,14 @@ class InfluenceReport(NamedTuple):
     converged: bool
     negative_curvature: bool
     damping: float
+    solver: str = SolverKind.CG.value
+    diverged: bool = False
+    captured: float = 1.0
 
-
-# Validation, outside jit.
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"invalid {name}={value!r}: expected an integer >= 1")
-
-
-def _check_nonnegative(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float, np.number)) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"invalid {name}={value!r}: expected a finite number >= 0")
-
-
-def _check_tol(tol: float) -> None:
-    if not (isinstance(tol, (int, float, np.number)) and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"invalid tol={tol!r}: expected a finite number > 0")
-
-
-def _check_training_set(x: Array, y: Array) -> int:
-    """Check that ``x`` is ``(N, ...)`` and ``y`` is ``(N,)`` with N >= 1, and return N."""
-    if np.ndim(x) < 1 or len(x) == 0:
-        raise ValueError(f"invalid training inputs of shape {np.shape(x)}: expected (N, *input_shape) with N >= 1")
-    if np.ndim(y) != 1 or len(y) != len(x):
-        raise ValueError(f"invalid training labels of shape {np.shape(y)}: expected ({len(x)},) to match the inputs")
-    return len(x)
-
-
-# Pytree arithmetic for CG, jitted once per pytree structure.
-
-
-@jax.jit
-def _tree_vdot(a: Params, b: Params) -> jax.Array:
-    products = [jnp.vdot(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
-    return functools.reduce(jnp.add, products)
-
-
-@jax.jit
-def _tree_sub(a: Params, b: Params) -> Params:
-    return jax.tree.map(jnp.subtract, a, b)
-
-
-@jax.jit
-def _cg_step(x: Params, r: Params, p: Params, Ap: Params, rs: jax.Array):
-    """Take one CG step along ``p``. The caller discards it if ``p·Ap <= 0``."""
-    curvature = _tree_vdot(p, Ap)
-    alpha = rs / curvature
-    x = jax.tree.map(lambda u, v: u + alpha * v, x, p)
-    r = jax.tree.map(lambda u, v: u - alpha * v, r, Ap)
-    rs_next = _tree_vdot(r, r)
-    beta = rs_next / rs
-    p = jax.tree.map(lambda u, v: u + beta * v, r, p)
-    return x, r, p, rs_next, curvature
-
-
-def cg(
-    A: Callable[[Params], Params],
-    b: Params,
-    x0: Params | None = None,
-    *,
-    tol: float = 1e-5,
-    maxiter: int = 100,
-) -> CGResult:
-    """Solve ``A x = b`` by conjugate gradient on pytrees.
-
-    ``A`` is called from a Python loop, once per step, once more at the start
-    when ``x0`` is given and once at the end for the explicit residual. It can
-    therefore loop over batches of data on the host and need not be traceable.
-    The vector arithmetic between calls is jitted.
-
-    CG is only guaranteed to converge for a symmetric positive definite ``A``.
-    When a search direction has ``p·Ap <= 0`` the operator is indefinite (or
-    singular along ``p``), so CG stops, keeps the previous iterate and sets
-    ``negative_curvature``. Adding damping to ``A`` is the usual remedy.
-    CG also stops when the recursive residual satisfies
-    ``||r|| <= tol·||b||``, after ``maxiter`` steps, or when ``p·Ap`` is NaN
-    or inf, again keeping the previous iterate. Because the recursive
-    residual drifts from the true one in floating point, ``converged`` is
-    decided on ``||b - A x|| / ||b||`` computed afresh.
-
-    Args:
-        A: a linear operator mapping a pytree shaped like ``b`` to another.
-        b: the right-hand side, a pytree of float arrays.
-        x0: the initial guess, shaped like ``b``. Defaults to zeros.
-        tol: relative residual tolerance, > 0.
-        maxiter: maximum number of CG steps, >= 1.
-
-    Returns:
-        A :class:`CGResult`. If ``b`` is zero the solution is zero, with
-        ``iterations = 0`` and ``residual = 0``.
-
-    Raises:
-        ValueError: if ``tol`` or ``maxiter`` is out of range.
-    """
-    _check_tol(tol)
-    _check_positive_int("maxiter", maxiter)
-
-    b_norm = float(jnp.sqrt(_tree_vdot(b, b)))
-    if b_norm == 0.0:
-        zeros = jax.tree.map(jnp.zeros_like, b)
-        return _cg_result(zeros, 0, 0.0, tol, False)
-
-    if x0 is None:
-        x = jax.tree.map(jnp.zeros_like, b)
-        r = b
-    else:
-        x = x0
-        r = _tree_sub(b, A(x0))
-    p = r
-    rs = _tree_vdot(r, r)
-    rs_host = float(rs)
-
-    iterations = 0
-    negative_curvature = False
-    while iterations < maxiter and math.sqrt(rs_host) > tol * b_norm:
-        x_next, r_next, p_next, rs_next, curvature = _cg_step(x, r, p, A(p), rs)
-        curvature, rs_next_host = jax.device_get((curvature, rs_next))
-        if curvature <= 0.0:
-            negative_curvature = True
-            break
-        if not math.isfinite(curvature):
-            # A returned NaN or inf. The explicit residual below reports it.
-            break
-        x, r, p, rs, rs_host = x_next, r_next, p_next, rs_next, float(rs_next_host)
-        iterations += 1
-
-    true_residual = _tree_sub(b, A(x))
-    residual = float(jnp.sqrt(_tree_vdot(true_residual, true_residual))) / b_norm
-    return _cg_result(x, iterations, residual, tol, negative_curvature)
-
-
-def _cg_result(x: Params, iterations: int, residual: float, tol: float, negative_curvature: bool) -> CGResult:
-    return CGResult(
-        x=x,
-        iterations=jnp.asarray(iterations, dtype=jnp.int32),
-        residual=jnp.asarray(residual, dtype=jnp.result_type(float)),
-        converged=jnp.asarray(residual <= tol),
-        negative_curvature=jnp.asarray(negative_curvature),
-    )
-
-
-# Passes over the training set.
-
-
-def _padded_batches(x: Array, y: Array, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield ``(x_batch, y_batch, mask)`` with leading axis ``batch_size``.
-
-    The last batch is padded with copies of its final real row rather than
-    zeros, so the padding's losses and derivatives stay finite. ``mask`` is a
-    bool ``(batch_size,)`` array that is True for real rows.
-    """
-    n = len(x)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        x_batch = np.asarray(x[start:stop])
-        y_batch = np.asarray(y[start:stop])
-        padding = batch_size - (stop - start)
-        if padding:
-            x_batch = np.concatenate([x_batch, np.repeat(x_batch[-1:], padding, axis=0)])
-            y_batch = np.concatenate([y_batch, np.repeat(y_batch[-1:], padding, axis=0)])
-        yield x_batch, y_batch, np.arange(batch_size) < stop - start
+    @property
+    def reliable(self) -> bool:
+        """Whether the ranking may be acted on: the solve converged without negative curvature or divergence."""
+        return self.converged and not self.negative_curvature and not self.diverged
 
 
 # The loss function is a static argument, so a model version's loss compiles
@@ -282,6 +165,40 @@ def _example_gradient(loss: LossFn, params: Params, x, y) -> Params:
     return jax.grad(lambda theta: loss(theta, x[None], y[None])[0])(params)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _add_batch_gauss_newton(apply: ApplyFn, output_loss: OutputLossFn, total, params, v, x, y, mask) -> Params:
+    logits, jacobian_v = jax.jvp(lambda theta: apply(theta, x), (params,), (v,))
+
+    def batch_output_loss(z: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.where(mask, output_loss(z, y), 0.0))
+
+    # The output loss's Hessian times J v, then Jᵀ of that: J_zᵀ H_out J_z v.
+    _, curvature_v = jax.jvp(jax.grad(batch_output_loss), (logits,), (jacobian_v,))
+    _, pullback = jax.vjp(lambda theta: apply(theta, x), params)
+    return jax.tree.map(jnp.add, total, pullback(curvature_v)[0])
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy of ``(B, C)`` logits and ``(B,)`` integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _check_hvp_arguments(x: Array, y: Array, l2: float, damping: float, batch_size: int) -> int:
+    check_nonnegative("l2", l2)
+    check_nonnegative("damping", damping)
+    check_positive_int("batch_size", batch_size)
+    return _check_training_set(x, y)
+
+
+def _check_training_set(x: Array, y: Array) -> int:
+    """Check that ``x`` is ``(N, ...)`` and ``y`` is ``(N,)`` with N >= 1, and return N."""
+    if np.ndim(x) < 1 or len(x) == 0:
+        raise ValueError(f"invalid training inputs of shape {np.shape(x)}: expected (N, *input_shape) with N >= 1")
+    if np.ndim(y) != 1 or len(y) != len(x):
+        raise ValueError(f"invalid training labels of shape {np.shape(y)}: expected ({len(x)},) to match the inputs")
+    return len(x)
+
+
 def make_objective_hvp(
     loss: LossFn,
     params: Params,
@@ -291,6 +208,7 @@ def make_objective_hvp(
     l2: float = 0.0,
     damping: float = 0.0,
     batch_size: int = 256,
+    sharding: NamedSharding | None = None,
 ) -> Callable[[Params], Params]:
     """Build ``v -> (H + damping·I) v`` for the training objective at ``params``.
 
@@ -306,7 +224,10 @@ def make_objective_hvp(
         y: integer training labels ``(N,)``.
         l2: the objective's L2 coefficient, >= 0.
         damping: added to every eigenvalue of H, >= 0.
-        batch_size: rows per batch, >= 1.
+        batch_size: rows per batch, >= 1; rounded up to a multiple of the
+            device count when ``sharding`` is given.
+        sharding: from :func:`detectors.batching.data_sharding`, to split every
+            batch over several devices. None runs on the default device.
 
     Returns:
         A function from a pytree shaped like ``params`` to another. Every call
@@ -315,17 +236,64 @@ def make_objective_hvp(
     Raises:
         ValueError: if an argument is out of range or ``x`` and ``y`` disagree.
     """
-    _check_nonnegative("l2", l2)
-    _check_nonnegative("damping", damping)
-    _check_positive_int("batch_size", batch_size)
-    n = _check_training_set(x, y)
-    batch_size = min(batch_size, n)
+    n = _check_hvp_arguments(x, y, l2, damping, batch_size)
+    batch_size = fit_batch_size(batch_size, n, sharding)
 
     def hvp(v: Params) -> Params:
         v = jax.tree.map(lambda u, theta: jnp.asarray(u, dtype=theta.dtype), v, params)
         total = jax.tree.map(jnp.zeros_like, params)
-        for x_batch, y_batch, mask in _padded_batches(x, y, batch_size):
+        for x_batch, y_batch, mask in padded_batches(x, y, batch_size, sharding):
             total = _add_batch_hvp(loss, total, params, v, x_batch, y_batch, mask)
+        return _finish_hvp(total, v, 1.0 / n, l2 + damping)
+
+    return hvp
+
+
+def make_gauss_newton_hvp(
+    apply: ApplyFn,
+    params: Params,
+    x: Array,
+    y: Array,
+    *,
+    output_loss: OutputLossFn = softmax_cross_entropy,
+    l2: float = 0.0,
+    damping: float = 0.0,
+    batch_size: int = 256,
+    sharding: NamedSharding | None = None,
+) -> Callable[[Params], Params]:
+    """Build ``v -> (G + (l2 + damping)·I) v`` with G the generalised Gauss-Newton matrix.
+
+    ``G = (1/N) Σ_i J_iᵀ H_i J_i``, where ``J_i`` is the Jacobian of the logits
+    ``apply(θ, x_i)`` with respect to θ and ``H_i`` the Hessian of
+    ``output_loss`` with respect to the logits. For softmax cross-entropy
+    ``H_i = diag(p_i) - p_i p_iᵀ`` is positive semi-definite, so G is too, and
+    CG never meets negative curvature, even on a non-convex network. G equals
+    the Fisher information matrix of the model's predictive distribution for
+    this loss. It drops the second-derivative terms of the network, so
+    influence from it is an approximation wherever those terms matter.
+
+    Args:
+        apply: ``apply(params, x (B, ...)) -> (B, C)`` logits.
+        params: the parameters to expand around.
+        x: training inputs ``(N, *input_shape)``.
+        y: integer training labels ``(N,)``.
+        output_loss: ``output_loss(logits (B, C), y (B,)) -> (B,)``, convex in the logits.
+        l2: the objective's L2 coefficient, >= 0.
+        damping: added to every eigenvalue, >= 0.
+        batch_size: rows per batch, >= 1.
+        sharding: as for :func:`make_objective_hvp`.
+
+    Returns:
+        A function from a pytree shaped like ``params`` to another.
+    """
+    n = _check_hvp_arguments(x, y, l2, damping, batch_size)
+    batch_size = fit_batch_size(batch_size, n, sharding)
+
+    def hvp(v: Params) -> Params:
+        v = jax.tree.map(lambda u, theta: jnp.asarray(u, dtype=theta.dtype), v, params)
+        total = jax.tree.map(jnp.zeros_like, params)
+        for x_batch, y_batch, mask in padded_batches(x, y, batch_size, sharding):
+            total = _add_batch_gauss_newton(apply, output_loss, total, params, v, x_batch, y_batch, mask)
         return _finish_hvp(total, v, 1.0 / n, l2 + damping)
 
     return hvp
@@ -354,6 +322,7 @@ def score_training_examples(
     y: Array,
     *,
     batch_size: int = 256,
+    sharding: NamedSharding | None = None,
 ) -> np.ndarray:
     """Score every training example by its loss's derivative along ``direction``.
 
@@ -367,6 +336,7 @@ def score_training_examples(
         x: training inputs ``(N, *input_shape)``, numpy or ``np.memmap``.
         y: integer training labels ``(N,)``.
         batch_size: rows per batch, >= 1.
+        sharding: as for :func:`make_objective_hvp`.
 
     Returns:
         float32 ``(N,)``.
@@ -374,14 +344,14 @@ def score_training_examples(
     Raises:
         ValueError: if ``batch_size`` is out of range or ``x`` and ``y`` disagree.
     """
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     n = _check_training_set(x, y)
-    batch_size = min(batch_size, n)
+    batch_size = fit_batch_size(batch_size, n, sharding)
 
     derivatives = []
-    for x_batch, y_batch, mask in _padded_batches(x, y, batch_size):
+    for x_batch, y_batch, mask in padded_batches(x, y, batch_size, sharding):
         batch = _batch_directional_derivatives(loss, params, direction, x_batch, y_batch)
-        derivatives.append((batch, int(mask.sum())))
+        derivatives.append((batch, int(np.sum(mask))))
     scores = np.concatenate([np.asarray(batch)[:rows] for batch, rows in derivatives])
     return (scores / n).astype(np.float32)
 
@@ -395,17 +365,25 @@ def compute_influence(
     test_y: Array,
     *,
     l2: float = 0.0,
-    damping: float = 0.01,
+    damping: float | None = 0.01,
     tol: float = 1e-5,
     maxiter: int = 200,
     batch_size: int = 256,
+    solver: SolverKind | str = SolverKind.CG,
+    hessian: HessianKind | str = HessianKind.EXACT,
+    apply: ApplyFn | None = None,
+    factors: HessianFactors | None = None,
+    residual_treatment: ResidualTreatment | str = ResidualTreatment.SMALLEST,
+    check_residual: bool = True,
+    lissa_scale: float = 1.0,
+    sharding: NamedSharding | None = None,
 ) -> InfluenceReport:
     """Score every training example's influence on one incident.
 
-    Solves ``s = (H + damping·I)⁻¹ ∇loss(test_x, test_y)`` with :func:`cg`,
+    Solves ``s = (H + damping·I)⁻¹ ∇loss(test_x, test_y)`` with ``solver``,
     then scores the training set along ``s`` with
-    :func:`score_training_examples`. An unconverged or indefinite solve is
-    reported in the result, not raised.
+    :func:`score_training_examples`. An unconverged, indefinite or diverged
+    solve is reported in the result, not raised.
 
     Args:
         loss: per-example loss, ``loss(params, x (B, ...), y (B,)) -> (B,)``.
@@ -415,26 +393,47 @@ def compute_influence(
         test_x: the incident's input, shape ``input_shape``.
         test_y: the incident's true label, an integer scalar.
         l2: the training objective's L2 coefficient, >= 0.
-        damping: added to every eigenvalue of H, >= 0.
-        tol: CG relative residual tolerance, > 0.
-        maxiter: maximum number of CG steps, >= 1.
+        damping: added to every eigenvalue of H, >= 0. ``None`` chooses it from
+            a few Lanczos steps (:func:`detectors.solvers.choose_damping`). Ignored
+            by the factors solver, which uses the damping stored in ``factors``.
+        tol: relative residual tolerance of the solve, > 0.
+        maxiter: maximum CG steps, or LiSSA recursion depth, >= 1.
         batch_size: training rows per batch, >= 1.
+        solver: :class:`SolverKind`. ``FACTORS`` needs ``factors``.
+        hessian: :class:`HessianKind`. ``GAUSS_NEWTON`` needs ``apply`` and
+            assumes ``loss`` is the softmax cross-entropy of ``apply``'s logits.
+        apply: ``apply(params, x) -> logits``, for the Gauss-Newton Hessian.
+        factors: per-version factors from :func:`detectors.factors.compute_factors`.
+        residual_treatment: how the factors solver treats the residual subspace.
+        check_residual: for the factors solver, whether to spend one HVP pass on
+            the explicit residual. Without it ``residual`` is NaN and
+            ``converged`` False, so the ranking counts as unreliable.
+        lissa_scale: LiSSA's first scale; larger ones are tried after a divergence.
+        sharding: from :func:`detectors.batching.data_sharding`.
 
     Returns:
         An :class:`InfluenceReport`.
 
     Raises:
         ValueError: if an argument is out of range or the shapes disagree.
-        FloatingPointError: if the solve or the scores contain NaN or inf.
+        FloatingPointError: if the gradient, the solve or the scores contain NaN or inf.
     """
-    _check_tol(tol)
-    _check_positive_int("maxiter", maxiter)
-    hvp = make_objective_hvp(loss, params, train_x, train_y, l2=l2, damping=damping, batch_size=batch_size)
+    check_tol(tol)
+    check_positive_int("maxiter", maxiter)
+    solver = SolverKind(solver)
+    hessian = HessianKind(hessian)
+    if solver is SolverKind.FACTORS and factors is None:
+        raise ValueError("solver 'factors' needs the model version's factors; compute them with compute_factors")
+    if hessian is HessianKind.GAUSS_NEWTON and apply is None:
+        raise ValueError("hessian 'gauss-newton' needs apply(params, x) -> logits")
+    if damping is not None:
+        check_nonnegative("damping", damping)
     if np.shape(test_x) != np.shape(train_x)[1:]:
         raise ValueError(
             f"invalid test_x of shape {np.shape(test_x)}: "
             f"expected {np.shape(train_x)[1:]}, one training input without the batch axis"
         )
+    _check_training_set(train_x, train_y)
 
     gradient = incident_gradient(loss, params, test_x, test_y)
     if not _tree_is_finite(gradient):
@@ -442,29 +441,78 @@ def compute_influence(
             "the incident's loss gradient contains NaN or inf; check the parameters and the incident's input"
         )
 
-    solve = cg(hvp, gradient, tol=tol, maxiter=maxiter)
-    if not (_tree_is_finite(solve.x) and math.isfinite(float(solve.residual))):
+    def undamped_hvp() -> Callable[[Params], Params]:
+        common = dict(l2=l2, batch_size=batch_size, sharding=sharding)
+        if hessian is HessianKind.GAUSS_NEWTON:
+            return make_gauss_newton_hvp(apply, params, train_x, train_y, **common)
+        return make_objective_hvp(loss, params, train_x, train_y, **common)
+
+    solve = _solve(solver, undamped_hvp, gradient, damping, tol, maxiter, factors,
+                   ResidualTreatment(residual_treatment), check_residual, lissa_scale)
+    residual_skipped = solver is SolverKind.FACTORS and not check_residual
+    if not (_tree_is_finite(solve.x) and (solve.diverged or residual_skipped or math.isfinite(solve.residual))):
         raise FloatingPointError(
-            f"the inverse-HVP solve contains NaN or inf after {int(solve.iterations)} CG steps; "
+            f"the inverse-HVP solve contains NaN or inf after {solve.iterations} {solver.value} steps; "
             "check the training loss for NaN or inf at these parameters"
         )
 
-    scores = score_training_examples(loss, params, solve.x, train_x, train_y, batch_size=batch_size)
+    scores = score_training_examples(loss, params, solve.x, train_x, train_y, batch_size=batch_size, sharding=sharding)
     if not np.all(np.isfinite(scores)):
         bad = np.flatnonzero(~np.isfinite(scores))
         raise FloatingPointError(
             f"influence scores of {bad.size} training examples are NaN or inf, the first at index {bad[0]}; "
             "check those training inputs for NaN or inf"
         )
+    return solve.report(scores, solver)
 
-    return InfluenceReport(
-        scores=scores,
-        iterations=int(solve.iterations),
-        residual=float(solve.residual),
-        converged=bool(solve.converged),
-        negative_curvature=bool(solve.negative_curvature),
-        damping=float(damping),
-    )
+
+class _Solve(NamedTuple):
+    x: Params
+    iterations: int
+    residual: float
+    converged: bool
+    negative_curvature: bool
+    damping: float
+    diverged: bool = False
+    captured: float = 1.0
+
+    def report(self, scores: np.ndarray, solver: SolverKind) -> InfluenceReport:
+        return InfluenceReport(
+            scores=scores,
+            iterations=self.iterations,
+            residual=self.residual,
+            converged=self.converged,
+            negative_curvature=self.negative_curvature,
+            damping=self.damping,
+            solver=solver.value,
+            diverged=self.diverged,
+            captured=self.captured,
+        )
+
+
+def _solve(solver, undamped_hvp, gradient, damping, tol, maxiter, factors, treatment, check_residual, lissa_scale):
+    """Run one inverse-HVP solve of ``gradient`` and collect its diagnostics."""
+    if solver is SolverKind.FACTORS:
+        result = apply_inverse(factors, gradient, residual=treatment)
+        residual = math.nan
+        if check_residual:
+            hvp = undamped_hvp()
+            damped = lambda v: _finish_hvp(hvp(v), v, 1.0, factors.damping)  # noqa: E731
+            residual = relative_residual(damped, gradient, result.x)
+        converged = bool(residual <= tol)
+        return _Solve(result.x, 0, residual, converged, False, factors.damping, captured=result.captured)
+
+    hvp = undamped_hvp()
+    if solver is SolverKind.LISSA:
+        if damping is None:
+            damping = choose_damping(*estimate_extreme_eigenvalues(hvp, gradient))
+        result = lissa(hvp, gradient, damping=damping, scale=lissa_scale, depth=maxiter, tol=tol)
+        return _Solve(result.x, result.iterations, result.residual, result.converged, False,
+                      result.damping, diverged=result.diverged)
+
+    result = cg(hvp, gradient, tol=tol, maxiter=maxiter, damping=damping)
+    return _Solve(result.x, int(result.iterations), float(result.residual), bool(result.converged),
+                  bool(result.negative_curvature), float(result.damping))
 
 
 def _tree_is_finite(tree: Params) -> bool:

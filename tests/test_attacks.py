@@ -9,7 +9,14 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from detectors.attacks import craft_dirty_label_poisons, plant_dirty_label_attack
+from detectors.attacks import (
+    CleanLabelMethod,
+    craft_dirty_label_poisons,
+    craft_feature_collision_poisons,
+    craft_gradient_matching_poisons,
+    plant_clean_label_attack,
+    plant_dirty_label_attack,
+)
 
 NUM_CLASSES = 3
 INPUT_SHAPE = (2, 2)
@@ -231,3 +238,71 @@ def test_plant_rejects_invalid_argument(blobs, linear_params, target, overrides,
     arguments.update(overrides)
     with pytest.raises(ValueError, match=match):
         plant_dirty_label_attack(train_linear, linear_apply, linear_params, **arguments)
+
+
+def mlp_params(seed=0):
+    keys = jax.random.split(jax.random.key(seed), 2)
+    return {"w1": jax.random.normal(keys[0], (4, 5)), "w2": jax.random.normal(keys[1], (5, NUM_CLASSES))}
+
+
+def mlp_features(params, x):
+    return jnp.tanh(x.reshape(x.shape[0], -1) @ params["w1"])
+
+
+def mlp_apply(params, x):
+    return mlp_features(params, x) @ params["w2"]
+
+
+def test_feature_collision_moves_features_toward_target(blobs, target):
+    params = mlp_params()
+    bases = blobs[0][blobs[1] == 1][:3]
+    poisons = craft_feature_collision_poisons(mlp_features, params, target, bases, epsilon=0.1, steps=30)
+
+    def distance(x):
+        return float(jnp.sum((mlp_features(params, x) - mlp_features(params, target[None])) ** 2))
+
+    assert distance(poisons) < distance(bases)
+    assert np.max(np.abs(poisons - bases)) <= 0.1 + 1e-6
+
+
+def test_gradient_matching_raises_alignment(blobs, target):
+    params = mlp_params()
+    bases = blobs[0][blobs[1] == 1][:3]
+
+    def cosine(x):
+        def gradient(inputs):
+            def total(p):
+                labels = jnp.full((inputs.shape[0],), 1)
+                return optax.softmax_cross_entropy_with_integer_labels(mlp_apply(p, inputs), labels).sum()
+
+            return ravel_pytree(jax.grad(total)(params))[0]
+
+        a, b = gradient(jnp.asarray(x)), gradient(jnp.asarray(target[None]))
+        return float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+
+    poisons = craft_gradient_matching_poisons(mlp_apply, params, target, 1, bases, epsilon=0.1, steps=30)
+
+    assert cosine(poisons) > cosine(bases)
+    assert np.max(np.abs(poisons - bases)) <= 0.1 + 1e-6
+
+
+def test_clean_label_keeps_labels_and_size(blobs, target):
+    train_x, train_y = blobs
+    outcome = plant_clean_label_attack(
+        CleanLabelMethod.GRADIENT_MATCHING, train_linear, linear_apply, train_linear(*blobs),
+        train_x, train_y, target, 1, num_poisons=4, epsilon=0.05, steps=5,
+    )
+
+    np.testing.assert_array_equal(outcome.poisoned_y, train_y)
+    assert len(outcome.poisoned_x) == len(train_x)
+    assert np.all(train_y[outcome.poison_indices] == 1)
+    assert len(outcome.poison_indices) == 4
+    assert isinstance(outcome.succeeded, bool)
+
+
+def test_clean_label_feature_collision_needs_embed(blobs, target):
+    with pytest.raises(ValueError, match="feature collision needs embed"):
+        plant_clean_label_attack(
+            "feature-collision", train_linear, linear_apply, train_linear(*blobs), *blobs, target, 1,
+            num_poisons=2, epsilon=0.05,
+        )

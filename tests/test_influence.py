@@ -338,3 +338,118 @@ def test_influence_matches_leave_one_out():
     assert top_k(predicted, 1)[0] == np.argmin(actual)
     large = np.abs(actual) > 0.2 * np.abs(actual).max()
     np.testing.assert_array_equal(np.sign(predicted[large]), np.sign(actual[large]))
+
+
+def test_gauss_newton_hvp_matches_dense(mlp_problem):
+    from detectors.influence import make_gauss_newton_hvp
+
+    params, x, y = mlp_problem
+    flat, unravel = ravel_pytree(params)
+
+    def logits(theta, inputs):
+        p = unravel(theta)
+        return jnp.tanh(inputs @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+    def apply(p, inputs):
+        return jnp.tanh(inputs @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+    jacobians = jax.vmap(lambda row: jax.jacobian(lambda t: logits(t, row[None])[0])(flat))(jnp.asarray(x))
+    probabilities = jax.nn.softmax(apply(params, x))
+    curvature = jax.vmap(lambda p: jnp.diag(p) - jnp.outer(p, p))(probabilities)
+    dense = np.einsum("ncp,ncd,ndq->pq", jacobians, curvature, jacobians) / N_TRAIN + 0.05 * np.eye(45)
+    v = jax.tree.map(lambda leaf: jnp.linspace(-1.0, 1.0, leaf.size).reshape(leaf.shape), params)
+
+    product = make_gauss_newton_hvp(apply, params, x, y, l2=0.05, batch_size=BATCH_SIZE)(v)
+
+    np.testing.assert_allclose(flatten(product), dense @ flatten(v), rtol=1e-4, atol=1e-5)
+    assert np.linalg.eigvalsh(dense).min() > 0
+
+
+def test_solvers_agree_on_scores(mlp_problem):
+    from detectors.factors import compute_factors
+
+    params, x, y = mlp_problem
+    common = dict(l2=0.03, damping=1.0, tol=1e-5, batch_size=BATCH_SIZE)
+    cg_report = compute_influence(mlp_loss, params, x, y, x[0], y[0], maxiter=200, **common)
+    lissa_report = compute_influence(mlp_loss, params, x, y, x[0], y[0], maxiter=3000, solver="lissa", **common)
+    hvp = make_objective_hvp(mlp_loss, params, x, y, l2=0.03, damping=1.0, batch_size=BATCH_SIZE)
+    factors = compute_factors(hvp, params, 45, damping=1.0, l2=0.03)
+    factor_report = compute_influence(mlp_loss, params, x, y, x[0], y[0], solver="factors", factors=factors,
+                                      **dict(common, tol=1e-3))
+
+    assert lissa_report.converged
+    assert lissa_report.solver == "lissa"
+    assert factor_report.converged
+    assert factor_report.reliable
+    np.testing.assert_allclose(lissa_report.scores, cg_report.scores, rtol=1e-2, atol=1e-5)
+    np.testing.assert_allclose(factor_report.scores, cg_report.scores, rtol=1e-2, atol=1e-5)
+
+
+def test_unconverged_report_is_unreliable(mlp_problem):
+    params, x, y = mlp_problem
+    report = compute_influence(mlp_loss, params, x, y, x[0], y[0], damping=0.0, maxiter=1, batch_size=BATCH_SIZE)
+
+    assert not report.converged
+    assert not report.reliable
+
+
+def test_normalized_scores_divide_by_norms():
+    from detectors.ranking import normalize_scores
+
+    scores = np.array([-4.0, -1.0, 2.0])
+    by_norm = normalize_scores(scores, "gradient-norm", gradient_norms=np.array([4.0, 0.5, 0.0]))
+    relative = normalize_scores(scores, "relative", self_influence=np.array([16.0, 0.25, 1.0]))
+
+    np.testing.assert_allclose(by_norm[:2], [-1.0, -2.0])
+    assert by_norm[2] > 0
+    np.testing.assert_allclose(relative, [-1.0, -2.0, 2.0])
+
+
+def test_normalized_scores_need_normalizer():
+    from detectors.ranking import normalize_scores
+
+    with pytest.raises(ValueError, match="needs gradient_norms"):
+        normalize_scores(np.zeros(3), "gradient-norm")
+
+
+def test_aggregate_by_source_orders_totals():
+    from detectors.ranking import aggregate_by_source
+
+    totals = aggregate_by_source(np.array([-1.0, 0.5, -3.0, -0.6]), np.array(["a", "a", "b", "c"]))
+
+    assert [item.source for item in totals] == ["b", "c", "a"]
+    assert totals[2].total == pytest.approx(-0.5)
+    assert totals[2].count == 2
+    assert totals[2].most_negative == -1.0
+
+
+def test_gradient_norms_match_dense(mlp_problem):
+    from detectors.ranking import example_gradient_norms
+
+    params, x, y = mlp_problem
+    norms = example_gradient_norms(mlp_loss, params, x, y, batch_size=BATCH_SIZE)
+    expected = [np.linalg.norm(flatten(incident_gradient(mlp_loss, params, x[i], y[i]))) for i in range(N_TRAIN)]
+
+    np.testing.assert_allclose(norms, expected, rtol=1e-4)
+
+
+def test_subset_loss_freezes_other_leaves(mlp_problem):
+    from detectors.subset import restrict_to_subset
+
+    params, x, y = mlp_problem
+    subset = restrict_to_subset(mlp_loss, params, lambda path: "2" in path)
+
+    assert sorted(subset.params) == ["['b2']", "['w2']"]
+    np.testing.assert_allclose(subset.loss(subset.params, x, y), mlp_loss(params, x, y), rtol=1e-6)
+    report = compute_influence(subset.loss, subset.params, x, y, x[0], y[0], l2=0.03, damping=0.1,
+                               batch_size=BATCH_SIZE)
+    assert report.converged
+    assert report.scores.shape == (N_TRAIN,)
+
+
+def test_subset_rejects_empty_selection(mlp_problem):
+    from detectors.subset import restrict_to_subset
+
+    params, _, _ = mlp_problem
+    with pytest.raises(ValueError, match="subset is empty"):
+        restrict_to_subset(mlp_loss, params, lambda path: False)
