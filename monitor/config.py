@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -73,6 +73,9 @@ class SchedulerConfig(_Section):
         60.0, gt=0, description="Longest pause of a job after consecutive database failures."
     )
     retention_interval_seconds: float = Field(3600.0, gt=0, description="How often the retention job runs.")
+    release_check_interval_seconds: float = Field(
+        300.0, gt=0, description="How often the release-check job looks for model versions without their checks."
+    )
 
     @property
     def shortest_interval_seconds(self) -> float:
@@ -81,6 +84,7 @@ class SchedulerConfig(_Section):
             self.influence_interval_seconds,
             self.heldout_interval_seconds,
             self.retention_interval_seconds,
+            self.release_check_interval_seconds,
         )
 
     @property
@@ -103,6 +107,25 @@ class InfluenceConfig(_Section):
     tol: float = Field(1e-5, gt=0.0, lt=1.0, description="Relative residual at which conjugate gradient stops.")
     maxiter: int = Field(200, ge=1, description="Most conjugate-gradient iterations per incident.")
     batch_size: int = Field(256, ge=1, description="Training examples per padded batch of the HVP and scoring passes.")
+    solver: Literal["cg", "factors"] = Field(
+        "cg",
+        description=(
+            "Inverse-HVP solver: 'cg' solves per incident; 'factors' computes the top eigenpairs of the damped "
+            "Hessian once per model version (a release check) and reuses them, falling back to CG until they exist."
+        ),
+    )
+    factor_rank: int = Field(256, ge=1, description="Eigenpairs kept by the 'factors' solver.")
+    factor_tol: float = Field(
+        0.05, gt=0.0, lt=1.0, description="Relative residual above which a 'factors' solve counts as unconverged."
+    )
+    score: Literal["raw", "gradient-norm"] = Field(
+        "gradient-norm",
+        description="Ranking score: raw influence, or influence over the example's loss-gradient norm.",
+    )
+    compilation_cache_dir: str = Field(
+        "~/.cache/poisonwatch/jax",
+        description="JAX's persistent compilation cache, so a restart does not recompile; '' turns it off.",
+    )
 
 
 class RetentionConfig(_Section):

@@ -11,6 +11,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 
+from detectors import runtime
 from monitor.api import ApiState, create_app
 from monitor.auth import TokenVerifier, is_loopback
 from monitor.config import Config
@@ -75,6 +76,10 @@ class Daemon:
 
     def start(self, *, serve_http: bool = True) -> None:
         check_schema(self.engine)
+        cache_dir = self.config.influence.compilation_cache_dir
+        if cache_dir:
+            # Before the first model loads, so no program compiles outside the cache.
+            logger.info("JAX compilation cache at %s", runtime.enable_compilation_cache(cache_dir))
         logger.info(
             "starting poisonwatch on %s with JAX backend %s (%d devices)",
             masked_url(self.config.database.url),

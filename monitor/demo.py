@@ -21,7 +21,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from monitor import demo_model, schemas
-from monitor.config import Config, DatabaseConfig, IncidentConfig, ModelConfig, SchedulerConfig, ServerConfig
+from monitor.config import Config, parse_config
 from monitor.daemon import Daemon
 from monitor.report import make_console, print_incident
 from storage import migrations
@@ -47,15 +47,24 @@ def prediction_id(row: int) -> str:
 
 
 def demo_config(workdir: Path, port: int) -> Config:
-    """The daemon configuration the demo runs with: SQLite in ``workdir``, short job intervals."""
-    return Config(
-        database=DatabaseConfig(url=f"sqlite:///{workdir / 'poisonwatch.db'}"),
-        server=ServerConfig(host="127.0.0.1", port=port),
-        scheduler=SchedulerConfig(
-            incident_scan_interval_seconds=1.0, influence_interval_seconds=1.0, heldout_interval_seconds=60.0
-        ),
-        incidents=IncidentConfig(confidence_threshold=0.9),
-        models=[ModelConfig(name=MODEL_NAME, loader="monitor.demo_model:load", options={"path": str(workdir)})],
+    """The daemon configuration the demo runs with: SQLite in ``workdir``, short job intervals.
+
+    ``POISONWATCH_*`` environment variables override it as they override a
+    config file, for example ``POISONWATCH_INFLUENCE_SOLVER=factors``.
+    """
+    return parse_config(
+        {
+            "database": {"url": f"sqlite:///{workdir / 'poisonwatch.db'}"},
+            "server": {"host": "127.0.0.1", "port": port},
+            "scheduler": {
+                "incident_scan_interval_seconds": 1.0,
+                "influence_interval_seconds": 1.0,
+                "heldout_interval_seconds": 60.0,
+            },
+            "incidents": {"confidence_threshold": 0.9},
+            "models": [{"name": MODEL_NAME, "loader": "monitor.demo_model:load", "options": {"path": str(workdir)}}],
+        },
+        origin="the demo's built-in configuration",
     )
 
 

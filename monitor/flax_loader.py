@@ -17,6 +17,9 @@ A config entry names it as ``monitor.flax_loader:load`` with options:
   the name of a module method returning penultimate features), and
   ``apply_kwargs`` (linen: keyword arguments for inference mode, e.g.
   ``{train = false}``).
+- ``influence_params`` (optional): a regular expression searched in each
+  parameter leaf path (``jax.tree_util.keystr``, e.g. ``"['params']['head']"``);
+  influence then uses only the matching leaves, for large models.
 
 Inference mode: for linen, ``apply`` passes ``apply_kwargs`` and no PRNG keys
 and no mutable collections, so a Dropout that is not deterministic raises
@@ -28,7 +31,8 @@ and BatchNorm to inference.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +86,21 @@ def load(options: Mapping[str, Any]) -> ModelBundle:
         heldout=HeldOutSet(x=data["heldout_x"], y=data["heldout_y"]),
         l2=float(options.get("l2", 0.0)),
         embed=embed,
+        influence_params=_leaf_filter(options.get("influence_params")),
     )
+
+
+def _leaf_filter(pattern: object) -> Callable[[str], bool] | None:
+    """Turn the ``influence_params`` option, a regular expression searched in leaf paths, into a predicate."""
+    if pattern is None:
+        return None
+    if not isinstance(pattern, str) or not pattern:
+        raise LoaderError(f"flax loader option 'influence_params' must be a non-empty regular expression, got {pattern!r}")
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise LoaderError(f"flax loader option 'influence_params' {pattern!r} is not a valid regular expression: {error}") from None
+    return lambda path: compiled.search(path) is not None
 
 
 def _build_module(path: str) -> Any:

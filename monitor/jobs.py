@@ -21,14 +21,18 @@ import numpy as np
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from detectors import heldout, influence
+from detectors import heldout, influence, ranking
 from monitor.config import Config
 from monitor.metrics import JobName, Metrics
 from monitor.registry import ModelRegistry
+from monitor.release_checks import ReleaseChecks
 from storage import queries
 from storage.models import Incident, JobStatus
 
 logger = logging.getLogger(__name__)
+
+# Data sources stored per incident, the most harmful (most negative summed influence) first.
+MAX_STORED_SOURCES = 10
 
 
 class JobSkipped(enum.Enum):
@@ -93,10 +97,13 @@ class JobContext:
     worker: str = dataclasses.field(default_factory=_default_worker)
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
     backoff: JobBackoff | None = None
+    release_checks: ReleaseChecks | None = None
 
     def __post_init__(self) -> None:
         if self.backoff is None:
             self.backoff = JobBackoff(self.config.scheduler.max_backoff_seconds)
+        if self.release_checks is None:
+            self.release_checks = ReleaseChecks(self.session_factory, self.config.influence)
 
 
 def slot_start(now: dt.datetime, interval_seconds: float) -> dt.datetime:
@@ -223,19 +230,28 @@ def analyze_incident(context: JobContext, incident_id: int) -> None:
     settings = context.config.influence
     started = time.perf_counter()
     try:
+        # Loaded or computed once per version; the first incident of a version may wait for them.
+        checks = context.release_checks.ensure(version.id, bundle)
+        solver_options = (
+            {"solver": influence.SolverKind.FACTORS, "factors": checks.factors, "tol": settings.factor_tol}
+            if checks.factors is not None
+            else {"solver": influence.SolverKind.CG, "tol": settings.tol}
+        )
         report = influence.compute_influence(
-            bundle.loss_fn,
-            bundle.params,
+            checks.loss,
+            checks.params,
             bundle.train.x,
             bundle.train.y,
             x,
             true_label,
             l2=bundle.l2,
             damping=settings.damping,
-            tol=settings.tol,
             maxiter=settings.maxiter,
             batch_size=settings.batch_size,
+            **solver_options,
         )
+        rank_scores = ranking.normalize_scores(report.scores, settings.score, gradient_norms=checks.gradient_norms)
+        sources = ranking.aggregate_by_source(report.scores, bundle.train.sources)
     except FloatingPointError as error:
         _fail(context, incident_id, version.model, f"influence produced non-finite values: {error}")
         return
@@ -245,7 +261,7 @@ def analyze_incident(context: JobContext, incident_id: int) -> None:
         return
     seconds = time.perf_counter() - started
 
-    top = influence.top_k(report.scores, min(settings.top_k, len(report.scores)))
+    top = influence.top_k(rank_scores, min(settings.top_k, len(rank_scores)))
     with context.session_factory.begin() as session:
         examples = queries.training_examples_by_row(session, version.id, top.tolist())
         incident = session.get(Incident, incident_id)
@@ -253,27 +269,34 @@ def analyze_incident(context: JobContext, incident_id: int) -> None:
             session,
             incident,
             worker=context.worker,
-            suspects=[(examples[int(row)].id, float(report.scores[row])) for row in top],
+            suspects=[(examples[int(row)].id, float(report.scores[row]), float(rank_scores[row])) for row in top],
             iterations=report.iterations,
             residual=report.residual,
             converged=report.converged,
             negative_curvature=report.negative_curvature,
             damping=report.damping,
             seconds=seconds,
+            solver=str(report.solver),
+            captured=report.captured,
+            reliable=report.reliable,
+            score_kind=settings.score,
+            source_influence=[source._asdict() for source in sources[:MAX_STORED_SOURCES]],
         )
     if not stored:
         logger.warning("incident %d: claim released or incident resolved during analysis; result discarded", incident_id)
         return
     context.metrics.influence_duration.labels(model=version.model).observe(seconds)
-    if not report.converged:
+    if not report.reliable:
         context.metrics.influence_unconverged.labels(model=version.model).inc()
         logger.warning(
-            "incident %d: inverse-HVP did not converge (%d iterations, relative residual %.3g%s); "
+            "incident %d: %s inverse-HVP solve is unreliable (%d iterations, relative residual %.3g%s%s); "
             "its ranking is unreliable",
             incident_id,
+            report.solver,
             report.iterations,
             report.residual,
             ", negative curvature: raise the damping" if report.negative_curvature else "",
+            ", diverged" if report.diverged else "",
         )
     logger.info("analyzed incident %d in %.2f s", incident_id, seconds)
 
@@ -344,9 +367,19 @@ def apply_retention(context: JobContext) -> dict[str, int]:
     return deleted
 
 
+def run_release_checks(context: JobContext) -> None:
+    """Compute the missing release checks of every loaded model version before an incident needs them."""
+    for name, version_id, bundle in context.registry.items():
+        if context.stopping.is_set():
+            return
+        context.release_checks.ensure(version_id, bundle)
+        logger.debug("release checks of model %s (version id %d) are complete", name, version_id)
+
+
 JOBS: dict[str, Callable[[JobContext], object]] = {
     JobName.INCIDENT_SCAN: scan_incidents,
     JobName.INFLUENCE: analyze_incidents,
     JobName.HELDOUT: evaluate_heldout,
     JobName.RETENTION: apply_retention,
+    JobName.RELEASE_CHECKS: run_release_checks,
 }

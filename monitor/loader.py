@@ -86,6 +86,10 @@ class ModelBundle:
             defaults to softmax cross-entropy of ``apply``.
         l2: coefficient of the training objective's ``(l2 / 2) * ||params||^2`` term.
         embed: optional ``embed(params, x) -> (B, D)`` penultimate features.
+        influence_params: optional predicate on parameter leaf paths (as
+            ``jax.tree_util.keystr`` writes them, e.g. ``"['params']['head']['kernel']"``);
+            influence then uses only the accepted leaves, the others held fixed.
+            For large models, where the full Hessian is too costly.
     """
 
     version: str
@@ -98,6 +102,7 @@ class ModelBundle:
     loss: LossFn | None = None
     l2: float = 0.0
     embed: ApplyFn | None = None
+    influence_params: Callable[[str], bool] | None = None
 
     @property
     def loss_fn(self) -> LossFn:

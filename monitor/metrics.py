@@ -50,6 +50,7 @@ class JobName(enum.StrEnum):
     INFLUENCE = "influence"
     HELDOUT = "heldout"
     RETENTION = "retention"
+    RELEASE_CHECKS = "release_checks"
 
 
 class RejectReason(enum.StrEnum):
@@ -80,6 +81,7 @@ def job_intervals(settings: SchedulerConfig, *, retention_enabled: bool = False)
         JobName.INCIDENT_SCAN: settings.incident_scan_interval_seconds,
         JobName.INFLUENCE: settings.influence_interval_seconds,
         JobName.HELDOUT: settings.heldout_interval_seconds,
+        JobName.RELEASE_CHECKS: settings.release_check_interval_seconds,
     }
     if retention_enabled:
         intervals[JobName.RETENTION] = settings.retention_interval_seconds

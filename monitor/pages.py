@@ -88,14 +88,17 @@ def incident_detail_html(incident: schemas.IncidentDetail) -> str:
     if solver.iterations is not None:
         verdict = "converged" if solver.converged else '<span class=warn>did not converge: ranking unreliable</span>'
         parts.append(
-            f"<p>inverse-HVP: {solver.iterations} CG iterations, relative residual "
+            f"<p>inverse-HVP ({html.escape(solver.method or 'cg')}): {solver.iterations} iterations, relative residual "
             f"{solver.relative_residual if solver.relative_residual is not None else 'n/a'}, "
             f"damping {solver.damping}: {verdict}</p>"
         )
     if incident.failure_reason:
         parts.append(f"<p class=warn>analysis failed: {html.escape(incident.failure_reason)}</p>")
+    if incident.ranking_reliable is False:
+        parts.append("<p class=warn>ranking unreliable: do not act on these suspects without a rerun</p>")
     if incident.suspects:
-        parts.append("<h2>training examples most responsible (most negative score first)</h2>")
+        ranked_by = html.escape(incident.score_kind or "raw")
+        parts.append(f"<h2>training examples most responsible (ranked by {ranked_by} score, most negative first)</h2>")
         parts.append(
             _table(
                 ["rank", "example id", "score", "label", "source", "content hash"],
@@ -109,6 +112,17 @@ def incident_detail_html(incident: schemas.IncidentDetail) -> str:
                         f"<code>{html.escape(suspect.content_hash[:16])}</code>",
                     ]
                     for suspect in incident.suspects
+                ],
+            )
+        )
+    if incident.source_influence:
+        parts.append("<h2>influence by data source (most harmful first)</h2>")
+        parts.append(
+            _table(
+                ["source", "total", "examples", "most negative"],
+                [
+                    [html.escape(source.source), f"{source.total:.4g}", str(source.count), f"{source.most_negative:.4g}"]
+                    for source in incident.source_influence
                 ],
             )
         )

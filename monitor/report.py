@@ -86,16 +86,27 @@ def print_incident(
     solver = incident.solver
     if solver.iterations is not None:
         verdict = "converged" if solver.converged else "[red]did NOT converge: ranking unreliable[/red]"
+        residual = "not checked" if solver.relative_residual is None else f"{solver.relative_residual:.2e}"
         console.print(
-            f"inverse-HVP: {solver.iterations} CG iterations, relative residual {solver.relative_residual:.2e}, "
+            f"inverse-HVP ({solver.method or 'cg'}): {solver.iterations} iterations, relative residual {residual}, "
             f"damping {solver.damping}, {verdict}; analysis took {solver.seconds:.2f} s"
         )
     if incident.failure_reason:
         console.print(f"[red]analysis failed:[/red] {incident.failure_reason}")
+    if incident.ranking_reliable is False:
+        console.print("[red]ranking unreliable: do not act on these suspects without a rerun[/red]")
+    if incident.source_influence:
+        sources = Table(title="influence by data source (most harmful first)")
+        for column in ("source", "total", "examples", "most negative"):
+            sources.add_column(column)
+        for source in incident.source_influence:
+            sources.add_row(source.source, f"{source.total:.4g}", str(source.count), f"{source.most_negative:.4g}")
+        console.print(sources)
     if not incident.suspects:
         return
-    table = Table(title="training examples most responsible (most negative score first)")
-    for column in ("rank", "example id", "score", "label", "source", "content hash"):
+    ranked_by = incident.score_kind or "raw"
+    table = Table(title=f"training examples most responsible (ranked by {ranked_by} score, most negative first)")
+    for column in ("rank", "example id", "score", "rank score", "label", "source", "content hash"):
         table.add_column(column)
     if planted:
         table.add_column("planted poison")
@@ -104,6 +115,7 @@ def print_incident(
             str(suspect.rank),
             suspect.example_id,
             f"{suspect.score:.4g}",
+            f"{suspect.rank_score:.4g}" if suspect.rank_score is not None else "",
             str(suspect.label),
             suspect.source,
             suspect.content_hash[:12],

@@ -110,7 +110,8 @@ class ErrorBody(BaseModel):
 class Suspect(BaseModel):
     rank: int
     example_id: str
-    score: float
+    score: float = Field(description="Predicted change of the incident's true-label loss if the example were removed.")
+    rank_score: float | None = Field(None, description="The score the ranking sorts by (see the incident's score_kind).")
     label: int
     source: str
     content_hash: str
@@ -136,16 +137,33 @@ class SolverDiagnostics(BaseModel):
     negative_curvature: bool | None = Field(description="True when CG met p.Hp <= 0: the damped Hessian is indefinite.")
     damping: float | None
     seconds: float | None
+    method: str | None = Field(None, description="The inverse-HVP solver: 'cg', 'lissa' or 'factors'.")
+    captured: float | None = Field(
+        None, description="For 'factors', the share of the incident gradient's norm inside the factors' span."
+    )
+
+
+class SourceInfluence(BaseModel):
+    source: str
+    total: float = Field(description="Sum of the source's scores: the predicted loss change if the whole source were removed.")
+    count: int
+    most_negative: float
 
 
 class IncidentDetail(IncidentSummary):
     attempts: int
     failure_reason: str | None
-    ranking_reliable: bool | None = Field(description="False when the inverse-HVP solve did not converge.")
+    ranking_reliable: bool | None = Field(
+        description="False when the inverse-HVP solve did not converge, met negative curvature or diverged."
+    )
+    score_kind: str | None = Field(None, description="How suspects are ranked: 'raw' or 'gradient-norm'.")
     solver: SolverDiagnostics
     input_shape: list[int]
     input: list[float]
     suspects: list[Suspect]
+    source_influence: list[SourceInfluence] = Field(
+        default_factory=list, description="The most harmful data sources, most negative total first."
+    )
 
 
 class Health(BaseModel):

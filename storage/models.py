@@ -210,6 +210,12 @@ class Incident(Base):
     solver_damping: Mapped[float | None] = mapped_column(Float, nullable=True)
     solver_negative_curvature: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     analysis_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    solver: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    solver_captured: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ranking_reliable: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    score_kind: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # The most harmful data sources: a list of {"source", "total", "count", "most_negative"}.
+    source_influence: Mapped[list[dict] | None] = mapped_column(JSON, nullable=True)
     acknowledged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     resolved_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
@@ -230,7 +236,10 @@ class InfluenceResult(Base):
     incident_id: Mapped[int] = mapped_column(ForeignKey("incidents.id", ondelete="CASCADE"))
     rank: Mapped[int] = mapped_column(Integer)
     training_example_id: Mapped[int] = mapped_column(ForeignKey("training_examples.id", ondelete="CASCADE"))
+    # The predicted change of the incident's loss if the example were removed.
     score: Mapped[float] = mapped_column(Float)
+    # The score the ranking sorts by, for example ``score`` over the example's gradient norm.
+    rank_score: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     incident: Mapped[Incident] = relationship(back_populates="suspects")
     training_example: Mapped[TrainingExample] = relationship()
@@ -270,3 +279,29 @@ class JobRun(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     scheduled_for: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     runner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+
+class ReleaseCheckKind(enum.StrEnum):
+    """A per-version computation done once and reused by every incident of that version."""
+
+    GRADIENT_NORMS = "gradient_norms"
+    HESSIAN_FACTORS = "hessian_factors"
+
+
+class ReleaseCheck(Base):
+    """The stored result of one release check of a model version.
+
+    ``data`` is the serialised result and ``format_version`` the version of
+    its format, checked on load; a result of an older format is recomputed.
+    """
+
+    __tablename__ = "release_checks"
+    __table_args__ = (UniqueConstraint("model_version_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    kind: Mapped[ReleaseCheckKind] = mapped_column(_enum_column(ReleaseCheckKind, "release_check_kind"))
+    format_version: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    computed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    seconds: Mapped[float] = mapped_column(Float)

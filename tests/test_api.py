@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 
@@ -11,7 +14,7 @@ from monitor import cli
 from monitor.api import ApiState
 from storage import queries
 from storage.models import Incident, IncidentState, Label, Prediction
-from tests.conftest import INPUT_SHAPE, MODEL, NUM_CLASSES
+from tests.conftest import INPUT_SHAPE, MODEL, NUM_CLASSES, VERSION
 
 PREDICTIONS = f"/v1/models/{MODEL}/predictions"
 LABELS = f"/v1/models/{MODEL}/labels"
@@ -70,6 +73,40 @@ def test_repeated_prediction_is_idempotent(client, api_state):
     assert stored_counts(api_state) == (2, 0)
 
 
+def test_repeat_within_one_batch_is_duplicate(client, api_state):
+    response = client.post(PREDICTIONS, json={"predictions": [prediction("a"), prediction("a")]})
+    assert response.json() == {"accepted": 1, "duplicates": 1}
+    assert stored_counts(api_state) == (1, 0)
+
+
+def test_content_digest_formula_unchanged(client, api_state):
+    # Digests stored by earlier releases use this formula; a retry of such a
+    # prediction must still count as a duplicate, not a 409.
+    timestamp = "2026-01-02T03:04:05.123456+01:00"
+    item = prediction("a", timestamp=timestamp, probabilities=[0.1, 0.7, 0.2], confidence=0.7)
+    client.post(PREDICTIONS, json={"predictions": [item]})
+    with api_state.session_factory() as session:
+        stored = session.scalar(select(Prediction))
+    expected = hashlib.sha256(
+        json.dumps([VERSION, 1, [0.1, 0.7, 0.2], 0.7, list(INPUT_SHAPE), "2026-01-02T03:04:05.123456+01:00"]).encode()
+    )
+    expected.update(np.asarray(item["input"]["data"], dtype="<f4").tobytes())
+    assert stored.content_digest == expected.hexdigest()
+    assert stored.input_data == np.asarray(item["input"]["data"], dtype="<f4").tobytes()
+    assert stored.probabilities == np.asarray([0.1, 0.7, 0.2], dtype="<f4").tobytes()
+
+
+def test_openapi_describes_prediction_body(client):
+    document = client.get("/openapi.json").json()
+    request_body = document["paths"][PREDICTIONS.replace(MODEL, "{model}")]["post"]["requestBody"]
+    schema_ref = request_body["content"]["application/json"]["schema"]["$ref"]
+    components = document["components"]["schemas"]
+    assert request_body["required"] is True
+    assert schema_ref == "#/components/schemas/PredictionBatch"
+    assert components["PredictionBatch"]["properties"]["predictions"]["items"]["$ref"] == "#/components/schemas/PredictionIn"
+    assert components["PredictionIn"]["properties"]["input"]["$ref"] == "#/components/schemas/InputArray"
+
+
 def test_repeat_with_other_content_conflicts(client, api_state):
     client.post(PREDICTIONS, json={"predictions": [prediction("a")]})
     changed = prediction("a", predicted_class=0, probabilities=[0.9, 0.05, 0.05])
@@ -93,6 +130,38 @@ def test_malformed_json_rejected(client, api_state):
     assert "not valid JSON" in response.json()["detail"]
     assert response.json()["errors"][0]["field"] == "body"
     assert rejected(api_state, "predictions", "malformed") == 1
+
+
+def test_malformed_json_names_position(client):
+    response = client.post(PREDICTIONS, content=b'{"predictions": [', headers={"content-type": "application/json"})
+    assert response.json()["detail"] == "request body is not valid JSON: EOF while parsing a list at line 1 column 17"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"content-type": "text/plain"}, {}],
+    ids=["text-plain", "no-content-type"],
+)
+def test_body_not_declared_json_rejected(client, api_state, headers):
+    body = json.dumps({"predictions": [prediction()]}).encode()
+    response = client.post(PREDICTIONS, content=body, headers=headers)
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["field"] == "body"
+    assert "application/json" in response.json()["detail"]
+    assert stored_counts(api_state) == (0, 0)
+
+
+def test_json_suffix_media_type_accepted(client):
+    body = json.dumps({"predictions": [prediction()]}).encode()
+    response = client.post(PREDICTIONS, content=body, headers={"content-type": "application/vnd.poisonwatch+json; charset=utf-8"})
+    assert response.status_code == 200
+
+
+def test_empty_body_rejected(client, api_state):
+    response = client.post(PREDICTIONS, content=b"", headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"] == "body: Field required"
+    assert rejected(api_state, "predictions", "invalid_field") == 1
 
 
 @pytest.mark.parametrize(
@@ -175,6 +244,22 @@ def test_probability_count_must_match_classes(client, api_state):
     response = client.post(PREDICTIONS, json={"predictions": [body]})
     assert response.status_code == 422
     assert "2 values, expected 3" in response.json()["detail"]
+
+
+def test_input_overflowing_float32_rejected(client, api_state):
+    body = prediction("big", input={"shape": list(INPUT_SHAPE), "data": [0.0, 1e39, 0.0, 0.0, 0.0, 0.0]})
+    response = client.post(PREDICTIONS, json={"predictions": [prediction("ok"), body]})
+    assert response.status_code == 422
+    assert response.json()["detail"] == "predictions[1].input.data: values overflow float32"
+    assert stored_counts(api_state) == (0, 0)
+
+
+def test_first_invalid_item_reported(client):
+    overflowing = prediction("big", input={"shape": list(INPUT_SHAPE), "data": [1e39] * 6})
+    wrong_shape = prediction("wide", input={"shape": [3, 2], "data": [0.0] * 6})
+    response = client.post(PREDICTIONS, json={"predictions": [prediction("ok"), overflowing, wrong_shape]})
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("predictions[1].input.data")
 
 
 def test_input_over_size_limit_rejected(client, api_state):

@@ -40,6 +40,14 @@ class Ingestor:
             thread.start()
         return self
 
+    def wait_for_first_acknowledgement(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.acknowledged:
+                    return
+            time.sleep(0.05)
+
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
         for thread in self._threads:
@@ -74,6 +82,9 @@ def test_sigkill_keeps_acknowledged_predictions(backend, tmp_path, request):
     for round_index in range(KILLS):
         server = ServeProcess(config, tmp_path / "serve.log").start()
         with Ingestor(server.base_url, prefix=f"round{round_index}") as ingestor:
+            # Kill at a random point after traffic is flowing: on a loaded machine
+            # the first batch alone can take longer than the random delay.
+            ingestor.wait_for_first_acknowledgement(timeout=60)
             time.sleep(rng.uniform(0.5, 2.0))
             server.kill()
         assert ingestor.requests > 0, server.log_tail()

@@ -5,28 +5,32 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import httpx
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
+from sqlalchemy import select
 
 from monitor import jobs
-from monitor.config import Config, DatabaseConfig, ModelConfig, SchedulerConfig, ServerConfig
+from monitor.config import Config, DatabaseConfig, InfluenceConfig, ModelConfig, SchedulerConfig, ServerConfig
 from monitor.daemon import Daemon
 from monitor.errors import DatabaseNotMigratedError
+from storage.models import ReleaseCheck
 from tests import toy_model
 
 MODEL = "toy"
 
 
-def toy_config(url: str, *, scheduler: bool) -> Config:
+def toy_config(url: str, *, scheduler: bool, solver: str = "cg") -> Config:
     return Config(
         database=DatabaseConfig(url=url),
         server=ServerConfig(port=0),
         scheduler=SchedulerConfig(
             enabled=scheduler, incident_scan_interval_seconds=0.2, influence_interval_seconds=0.2
         ),
+        influence=InfluenceConfig(solver=solver, factor_rank=8),
         models=[ModelConfig(name=MODEL, loader="tests.toy_model:load")],
     )
 
@@ -85,9 +89,54 @@ def test_jobs_open_and_analyze_incident(migrated_url):
     assert "converged" in page
     assert detail["solver"]["converged"] is True
     assert len(detail["suspects"]) == 10
-    scores = [suspect["score"] for suspect in detail["suspects"]]
-    assert scores == sorted(scores)
+    rank_scores = [suspect["rank_score"] for suspect in detail["suspects"]]
+    assert rank_scores == sorted(rank_scores)
+    assert detail["score_kind"] == "gradient-norm"
+    assert detail["ranking_reliable"] is True
+    assert {source["source"] for source in detail["source_influence"]} == {"vendor-a", "vendor-b"}
     assert detail["true_label"] == 2
+
+
+def test_factors_solver_reuses_release_check(migrated_url):
+    daemon = Daemon(toy_config(migrated_url, scheduler=False, solver="factors"), registry=CollectorRegistry())
+    daemon.start()
+    try:
+        with httpx.Client(base_url=daemon.base_url) as client:
+            post_misclassification(client, "p-1")
+            post_misclassification(client, "p-2")
+            jobs.run_release_checks(daemon.context)
+            jobs.scan_incidents(daemon.context)
+            analyzed = jobs.analyze_incidents(daemon.context)
+            details = [client.get(f"/v1/incidents/{i['id']}").json() for i in client.get("/v1/incidents").json()]
+        with daemon.session_factory() as session:
+            checks = session.scalars(select(ReleaseCheck)).all()
+    finally:
+        daemon.stop()
+    assert analyzed == 2
+    assert sorted(check.kind.value for check in checks) == ["gradient_norms", "hessian_factors"]
+    assert [detail["solver"]["method"] for detail in details] == ["factors", "factors"]
+    assert all(detail["state"] == "analyzed" for detail in details)
+    assert all(len(detail["suspects"]) == 10 for detail in details)
+
+
+def test_release_checks_load_after_restart(migrated_url):
+    first = Daemon(toy_config(migrated_url, scheduler=False, solver="factors"), registry=CollectorRegistry())
+    first.start(serve_http=False)
+    try:
+        jobs.run_release_checks(first.context)
+    finally:
+        first.stop()
+    second = Daemon(toy_config(migrated_url, scheduler=False, solver="factors"), registry=CollectorRegistry())
+    second.start(serve_http=False)
+    try:
+        _, version_id, bundle = second.models.items()[0]
+        with mock.patch("detectors.factors.compute_factors", side_effect=AssertionError("recomputed")):
+            checks = second.context.release_checks.ensure(version_id, bundle)
+    finally:
+        second.stop()
+    assert checks.factors is not None
+    assert checks.factors.rank >= 1
+    assert checks.gradient_norms.shape == (len(bundle.train.ids),)
 
 
 def test_heldout_job_sets_accuracy_gauge(migrated_url):
@@ -142,3 +191,26 @@ def test_scheduler_analyzes_without_help(migrated_url):
     assert state == "analyzed"
     assert 'poisonwatch_incidents{model="toy",state="analyzed"} 1.0' in metrics
     assert 'poisonwatch_incidents_opened_total{model="toy"} 1.0' in metrics
+
+
+def test_parameter_subset_limits_factors(migrated_url):
+    config = toy_config(migrated_url, scheduler=False, solver="factors")
+    config = config.model_copy(
+        update={"models": [ModelConfig(name=MODEL, loader="tests.toy_model:load", options={"weights_only": True})]}
+    )
+    daemon = Daemon(config, registry=CollectorRegistry())
+    daemon.start()
+    try:
+        _, version_id, bundle = daemon.models.items()[0]
+        checks = daemon.context.release_checks.ensure(version_id, bundle)
+        with httpx.Client(base_url=daemon.base_url) as client:
+            post_misclassification(client)
+            jobs.scan_incidents(daemon.context)
+            jobs.analyze_incidents(daemon.context)
+            detail = client.get(f"/v1/incidents/{client.get('/v1/incidents').json()[0]['id']}").json()
+    finally:
+        daemon.stop()
+    assert list(checks.params) == ["['w']"]
+    assert checks.factors.eigenvectors.shape[1] == 4 * toy_model.NUM_CLASSES
+    assert detail["state"] == "analyzed"
+    assert detail["solver"]["method"] == "factors"

@@ -132,3 +132,25 @@ def test_missing_checkpoint_raises(tmp_path, data_dir):
     with pytest.raises(LoaderError, match="not found"):
         load({"module": "flax_loader_test_models:linen_net", "checkpoint": str(tmp_path / "none.msgpack"),
               "data": str(data_dir)})
+
+
+def test_influence_params_option_selects_leaves(tmp_path, data_dir):
+    checkpoint = tmp_path / "model.msgpack"
+    checkpoint.write_bytes(flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, linen_variables())))
+    options = {"module": "flax_loader_test_models:linen_net", "checkpoint": str(checkpoint), "data": str(data_dir),
+               "apply_kwargs": {"train": False}}
+
+    everything = load(options)
+    kernels = load({**options, "influence_params": "kernel"})
+
+    assert everything.influence_params is None
+    assert kernels.influence_params("['params']['Dense_0']['kernel']")
+    assert not kernels.influence_params("['params']['Dense_0']['bias']")
+
+
+def test_invalid_influence_params_raises(tmp_path, data_dir):
+    checkpoint = tmp_path / "model.msgpack"
+    checkpoint.write_bytes(flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, linen_variables())))
+    with pytest.raises(LoaderError, match="not a valid regular expression"):
+        load({"module": "flax_loader_test_models:linen_net", "checkpoint": str(checkpoint), "data": str(data_dir),
+              "influence_params": "("})

@@ -128,4 +128,4 @@ def test_build_info_without_jax():
 
 
 def test_job_names_are_bounded():
-    assert {job.value for job in JobName} == {"incident_scan", "influence", "heldout", "retention"}
+    assert {job.value for job in JobName} == {"incident_scan", "influence", "heldout", "retention", "release_checks"}

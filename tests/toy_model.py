@@ -68,4 +68,6 @@ def load(options: Mapping[str, Any]) -> ModelBundle:
         train=TrainingSet(ids=np.array([f"toy-{i:03d}" for i in range(n)]), x=x, y=y, sources=sources),
         heldout=HeldOutSet(x=heldout_x, y=heldout_y),
         l2=L2,
+        # With the "weights_only" option, influence ignores the bias, as a large model would skip layers.
+        influence_params=(lambda path: "'w'" in path) if options.get("weights_only") else None,
     )
