@@ -147,6 +147,23 @@ def _endpoint_of(path: str) -> Endpoint | None:
     return None
 
 
+# Ids named in one error body; a batch may hold thousands.
+MAX_IDS_IN_ERROR = 10
+
+
+def _id_list_error(
+    status: int, reason: RejectReason, summary: str, field: str, problem: str, ids: list[str]
+) -> ApiError:
+    """Build the error for a batch whose items ``ids`` all fail the same way, naming the first few."""
+    shown = ids[:MAX_IDS_IN_ERROR]
+    return ApiError(
+        status,
+        reason,
+        f"{summary}: " + ", ".join(shown),
+        [schemas.FieldError(field=field, message=f"{problem}: {prediction_id}") for prediction_id in shown],
+    )
+
+
 def _plain_message(problem: dict[str, Any]) -> str:
     # Errors raised by our validators carry pydantic's "Value error, " prefix.
     message = str(problem.get("msg", ""))
@@ -517,11 +534,13 @@ def create_app(state: ApiState) -> FastAPI:
                 rows = prediction_rows(session, model, batch.predictions, inputs, probabilities)
                 outcome = queries.insert_prediction_rows(session, model, rows)
                 if not outcome.ok:
-                    raise ApiError(
+                    raise _id_list_error(
                         409,
                         RejectReason.CONFLICT,
-                        "prediction_id already stored with different content: " + ", ".join(outcome.conflicts[:10]),
-                        [schemas.FieldError(field="prediction_id", message=f"conflict: {pid}") for pid in outcome.conflicts[:10]],
+                        "prediction_id already stored with different content",
+                        "prediction_id",
+                        "conflict",
+                        outcome.conflicts,
                     )
                 return outcome
 
@@ -552,18 +571,22 @@ def create_app(state: ApiState) -> FastAPI:
                         )
                 outcome = queries.insert_labels(session, model, [(item.prediction_id, item.label) for item in batch.labels])
                 if outcome.unknown:
-                    raise ApiError(
+                    raise _id_list_error(
                         422,
                         RejectReason.UNKNOWN_PREDICTION,
-                        f"labels reference predictions not found for model {model!r}: " + ", ".join(outcome.unknown[:10]),
-                        [schemas.FieldError(field="prediction_id", message=f"not found: {pid}") for pid in outcome.unknown[:10]],
+                        f"labels reference predictions not found for model {model!r}",
+                        "prediction_id",
+                        "not found",
+                        outcome.unknown,
                     )
                 if outcome.conflicts:
-                    raise ApiError(
+                    raise _id_list_error(
                         409,
                         RejectReason.CONFLICT,
-                        "prediction already has a different label: " + ", ".join(outcome.conflicts[:10]),
-                        [schemas.FieldError(field="label", message=f"conflict: {pid}") for pid in outcome.conflicts[:10]],
+                        "prediction already has a different label",
+                        "label",
+                        "conflict",
+                        outcome.conflicts,
                     )
                 return outcome
 
