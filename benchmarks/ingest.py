@@ -59,7 +59,7 @@ def serve(url: str, port: int) -> None:
     import uvicorn
     from prometheus_client import CollectorRegistry
 
-    from monitor.api import ApiState, create_app
+    from monitor.api import ApiState, create_app, freeze_startup_objects
     from monitor.config import Config, DatabaseConfig, ModelConfig, ServerConfig
     from monitor.metrics import Metrics
 
@@ -70,7 +70,10 @@ def serve(url: str, port: int) -> None:
     )
     session_factory = create_session_factory(create_db_engine(url))
     state = ApiState(config=config, session_factory=session_factory, metrics=Metrics(CollectorRegistry(), [MODEL], session_factory))
-    uvicorn.run(create_app(state), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    app = create_app(state)
+    # As poisonwatch serve does after start-up.
+    freeze_startup_objects()
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 def make_items(prefix: str, count: int, seed: int) -> list[dict]:

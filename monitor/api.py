@@ -10,6 +10,7 @@ While the database is unreachable every route that needs it returns 503 with
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import itertools
 import json
@@ -145,6 +146,18 @@ def _endpoint_of(path: str) -> Endpoint | None:
     if path.endswith("/labels"):
         return Endpoint.LABELS
     return None
+
+
+def freeze_startup_objects() -> None:
+    """Exclude every object alive now from the cyclic garbage collector's future scans.
+
+    Call once, after start-up has loaded models, modules and compiled functions
+    that live as long as the process. Full collections then scan only what
+    requests allocate; on the ingestion benchmark they took 4 to 6 ms of each
+    500-prediction batch without this.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 # Ids named in one error body; a batch may hold thousands.
@@ -293,26 +306,32 @@ class _TargetVersion:
     num_classes: int
 
 
-def _content_digest(version: _TargetVersion, item: schemas.PredictionIn, input_data: bytes) -> str:
+def _content_digest(
+    version: _TargetVersion, item: schemas.PredictionIn, probabilities: bytes | None, input_data: bytes
+) -> str:
     """Compute the SHA-256 hex digest of the fields that make two reports of one prediction the same.
 
-    The input enters as float32 bytes, the other fields as ``json.dumps`` text.
+    The scalar fields enter as ``json.dumps`` text, then the probabilities and
+    the input as the float32 bytes that are stored. Their lengths follow from
+    the version's class count and the input shape in the text, so the parts
+    cannot run into each other.
 
-    Stored digests depend on this exact text. A change would turn every client
-    retry of a prediction stored before it into a 409 conflict.
+    Stored digests depend on this exact formula. A change would turn every
+    client retry of a prediction stored before it into a 409 conflict.
     """
-    digest = hashlib.sha256(
-        json.dumps(
-            [
-                version.name,
-                item.predicted_class,
-                item.probabilities,
-                item.confidence,
-                item.input.shape,
-                item.timestamp.isoformat() if item.timestamp else None,
-            ]
-        ).encode()
+    header = json.dumps(
+        [
+            version.name,
+            item.predicted_class,
+            item.confidence,
+            item.input.shape,
+            item.timestamp.isoformat() if item.timestamp else None,
+            probabilities is not None,
+        ]
     )
+    digest = hashlib.sha256(header.encode())
+    if probabilities is not None:
+        digest.update(probabilities)
     digest.update(input_data)
     return digest.hexdigest()
 
@@ -407,7 +426,7 @@ def create_app(state: ApiState) -> FastAPI:
         if state.config.model(model) is None:
             raise ApiError(404, RejectReason.UNKNOWN_MODEL, f"model {model!r} not found")
         if version is None:
-            current = queries.current_versions(session).get(model)
+            current = queries.current_version(session, model)
             if current is None:
                 raise ApiError(404, RejectReason.UNKNOWN_MODEL, f"model {model!r} has no registered version yet")
             return current
@@ -474,6 +493,7 @@ def create_app(state: ApiState) -> FastAPI:
                 versions[item.model_version] = version
             check_prediction(index, item, version, inputs.finite[index])
             input_data = inputs.data[index]
+            item_probabilities = None if item.probabilities is None else next(probability_data)
             rows.append(
                 {
                     "model": model,
@@ -481,10 +501,10 @@ def create_app(state: ApiState) -> FastAPI:
                     "model_version_id": version.id,
                     "predicted_class": item.predicted_class,
                     "confidence": float(item.effective_confidence),
-                    "probabilities": None if item.probabilities is None else next(probability_data),
+                    "probabilities": item_probabilities,
                     "input_shape": item.input.shape,
                     "input_data": input_data,
-                    "content_digest": _content_digest(version, item, input_data),
+                    "content_digest": _content_digest(version, item, item_probabilities, input_data),
                     "predicted_at": item.timestamp or received_at,
                     "received_at": received_at,
                 }

@@ -81,4 +81,6 @@ def create_app() -> FastAPI:
         auth=TokenVerifier.for_server(config.server.host, config.server.token_sha256),
     )
     logger.info("API worker %d serving %d models", os.getpid(), len(model_names))
-    return api.create_app(state)
+    app = api.create_app(state)
+    api.freeze_startup_objects()
+    return app

@@ -38,6 +38,7 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from monitor.api import freeze_startup_objects
     from monitor.daemon import Daemon
 
     config = load_config(args.config)
@@ -47,6 +48,8 @@ def _serve(args: argparse.Namespace) -> int:
     except BaseException:
         daemon.stop()
         raise
+    # A process-wide setting, so only the serve entry point makes it, not the Daemon class.
+    freeze_startup_objects()
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     logger.info("serving on %s", daemon.base_url)
     try:

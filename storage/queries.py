@@ -136,6 +136,11 @@ def register_model_version(
     return existing
 
 
+def current_version(session: Session, model: str) -> ModelVersion | None:
+    """Return the current version of ``model``, or None when it has none."""
+    return session.scalar(select(ModelVersion).where(ModelVersion.model == model, ModelVersion.is_current))
+
+
 def current_versions(session: Session) -> dict[str, ModelVersion]:
     """Return the current version of every registered model, by model name."""
     rows = session.scalars(select(ModelVersion).where(ModelVersion.is_current))

