@@ -26,8 +26,18 @@ poisoned source has the most negative summed influence. Training examples
 come from five clean sources plus the attacker's upload, which holds the
 poisons and 10 clean examples.
 
+Three options investigate gradient matching. ``--candidates`` ranks every
+successful attack by further candidate scores side by side (Gauss-Newton
+Hessian, damping 0.1 and 1, the plain gradient direction, the loss of the
+predicted class, the margin of the true over the predicted class, influence
+over the last layer). ``--leave-one-out`` retrains without each
+gradient-matching poison, and without 10 clean rows for scale, to find the
+poisons that actually moved the target. ``--random-control`` retrains with
+the bases perturbed at random within the same budget.
+
     .venv/bin/python benchmarks/poison_recall.py            # 10 seeds, about 15 minutes on 2 cores
     .venv/bin/python benchmarks/poison_recall.py --quick    # 2 seeds, digits only
+    .venv/bin/python benchmarks/poison_recall.py --candidates --datasets digits
 
 The last line is one JSON object with every figure.
 """
@@ -35,6 +45,7 @@ The last line is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections import defaultdict
 
@@ -44,9 +55,20 @@ import numpy as np
 import optax
 
 import _common
-from detectors.attacks import CleanLabelMethod, plant_clean_label_attack, plant_dirty_label_attack
+from detectors.attacks import (
+    CleanLabelMethod,
+    nearest_bases,
+    plant_clean_label_attack,
+    plant_dirty_label_attack,
+)
 from detectors.factors import compute_factors
-from detectors.influence import compute_influence, make_objective_hvp, top_k
+from detectors.influence import (
+    compute_influence,
+    incident_gradient,
+    make_objective_hvp,
+    score_training_examples,
+    top_k,
+)
 from detectors.ranking import (
     ScoreKind,
     aggregate_by_source,
@@ -60,6 +82,8 @@ L2 = 1e-4
 DAMPING = 0.01
 FACTOR_RANK = 128
 POISON_SOURCE = "partner-upload"
+MATCHING_POISONS = 20
+MATCHING_EPSILON = 0.3
 SETTINGS = {
     "digits": {"hidden": 32, "steps": 1500},
     "mnist": {"hidden": 64, "steps": 800},
@@ -116,15 +140,66 @@ def rank_poisons(loss, params, x, y, target_x, target_y, poison_rows, sources):
     result = {"converged": report.converged, "residual": report.residual}
     for kind in ScoreKind:
         scores = normalize_scores(report.scores, kind, **normalisers)
-        for k in (10, 20):
-            found = np.isin(top_k(scores, k), poison_rows).sum()
-            result[f"{kind.value}@{k}"] = float(found / len(poison_rows))
+        result.update(recall_figures(kind.value, scores, poison_rows))
     totals = aggregate_by_source(report.scores, sources)
     result["source_first"] = totals[0].source == POISON_SOURCE
-    return result
+    return result, report.scores, normalisers
 
 
-def run_seed(dataset, seed):
+def recall_figures(name, scores, poison_rows):
+    """Return recall of the poisons in the top 10 and 20 of ``scores``, keyed ``name@k``."""
+    return {f"{name}@{k}": float(np.isin(top_k(scores, k), poison_rows).sum() / len(poison_rows)) for k in (10, 20)}
+
+
+def candidate_scores(view, raw_true, normalisers):
+    """Compute the candidate scores of one successful attack, most negative first, keyed by name.
+
+    Every candidate except ``relative-*`` is divided by the gradient norms, the
+    default normaliser. ``view`` contains the model and incident of the attack.
+    """
+    loss, params, x, y = view["loss"], view["params"], view["x"], view["y"]
+    target_x, true_label, predicted = view["target_x"], view["true_label"], view["predicted"]
+
+    def solve(label, **options):
+        options = {"l2": L2, "damping": DAMPING, "tol": 1e-4, "maxiter": 500, **options}
+        return compute_influence(loss, params, x, y, target_x, label, **options).scores
+
+    def divide(scores, kind=ScoreKind.GRADIENT_NORM):
+        return normalize_scores(scores, kind, **normalisers)
+
+    # Removing a poison raises the loss of the predicted (attacker's) class, so
+    # that view's scores are negated to keep "most negative first".
+    raw_predicted = -solve(predicted)
+    gradient = incident_gradient(loss, params, target_x, true_label)
+    candidates = {
+        "gauss-newton": divide(solve(true_label, hessian="gauss-newton", apply=view["apply"])),
+        "damping-0.1": divide(solve(true_label, damping=0.1)),
+        "damping-1": divide(solve(true_label, damping=1.0)),
+        "gradient-cosine": divide(score_training_examples(loss, params, gradient, x, y)),
+        "predicted-label": divide(raw_predicted),
+        "margin": divide(raw_true + raw_predicted),
+        "relative-margin": divide(raw_true + raw_predicted, ScoreKind.RELATIVE),
+    }
+    if view["keep"] is None:
+        subset = restrict_to_subset(loss, params, lambda path: "2" in path)
+        head_norms = example_gradient_norms(subset.loss, subset.params, x, y)
+        head = compute_influence(subset.loss, subset.params, x, y, target_x, true_label, l2=L2, damping=DAMPING,
+                                 tol=1e-4, maxiter=500).scores
+        candidates["last-layer"] = normalize_scores(head, ScoreKind.GRADIENT_NORM, gradient_norms=head_norms)
+    return candidates
+
+
+def poison_diagnostics(scores, poison_rows, labels, attacker):
+    """Return the poisons' median rank and the share of top-20 non-poisons that carry the attacker's class."""
+    order = np.argsort(scores, kind="stable")
+    ranks = np.flatnonzero(np.isin(order, poison_rows))
+    top = order[:20]
+    intruders = top[~np.isin(top, poison_rows)]
+    share = float(np.mean(labels[intruders] == attacker)) if len(intruders) else float("nan")
+    return {"median_poison_rank": float(np.median(ranks)), "intruders_attacker_class": share}
+
+
+def run_seed(dataset, seed, candidates=False, leave_one_out=False, random_control=False):
     load = _common.digits if dataset == "digits" else _common.mnist_subset
     train_x, train_y, test_x, test_y = load(seed)
     settings = SETTINGS[dataset]
@@ -151,23 +226,112 @@ def run_seed(dataset, seed):
 
     outcome = plant_clean_label_attack(
         CleanLabelMethod.GRADIENT_MATCHING, train_full, _common.mlp_apply, clean, train_x, train_y, target,
-        attacker, num_poisons=20, epsilon=0.3, steps=200,
+        attacker, num_poisons=MATCHING_POISONS, epsilon=MATCHING_EPSILON, steps=200,
     )
     rows["gradient-matching"] = (outcome, full_loss, None)
+    random_flip = random_control_flips(train_full, train_x, train_y, target, attacker, seed) if random_control else None
 
     results = {}
     for attack, (outcome, loss, keep) in rows.items():
         entry = {"succeeded": outcome.succeeded, "target_confidence": outcome.target_confidence}
         if outcome.succeeded:
-            params = outcome.params
+            params, apply = outcome.params, _common.mlp_apply
             if keep is not None:
                 subset = restrict_to_subset(loss, params, keep)
                 loss, params = subset.loss, subset.params
+                apply = functools.partial(_apply_subset, subset.merge)
             sources = assign_sources(len(outcome.poisoned_y), outcome.poison_indices, rng)
-            entry.update(rank_poisons(loss, params, outcome.poisoned_x, outcome.poisoned_y, target, true_label,
-                                      outcome.poison_indices, sources))
+            figures, raw, normalisers = rank_poisons(loss, params, outcome.poisoned_x, outcome.poisoned_y, target,
+                                                     true_label, outcome.poison_indices, sources)
+            entry.update(figures)
+            entry.update(poison_diagnostics(normalize_scores(raw, ScoreKind.GRADIENT_NORM, **normalisers),
+                                            outcome.poison_indices, outcome.poisoned_y, attacker))
+            if candidates:
+                view = {"loss": loss, "params": params, "apply": apply, "keep": keep, "x": outcome.poisoned_x,
+                        "y": outcome.poisoned_y, "target_x": target, "true_label": true_label,
+                        "predicted": outcome.target_prediction}
+                for name, scores in candidate_scores(view, raw, normalisers).items():
+                    entry.update(recall_figures(name, scores, outcome.poison_indices))
+            if leave_one_out and attack == "gradient-matching":
+                entry.update(poison_removal_effects(train_full, outcome, target, true_label, raw, rng))
+                beyond_clean = np.asarray(entry["removal_effects"]) < -entry["clean_removal_max_effect"]
+                helping = outcome.poison_indices[beyond_clean]
+                if len(helping):
+                    scores = normalize_scores(raw, ScoreKind.GRADIENT_NORM, **normalisers)
+                    entry["helping_recall@20"] = float(np.isin(top_k(scores, 20), helping).sum() / len(helping))
+        if attack == "gradient-matching" and random_flip is not None:
+            entry["random_control_flips"] = random_flip
         results[attack] = entry
     return results
+
+
+def random_control_flips(train_full, train_x, train_y, target_x, attacker, seed):
+    """Return whether random perturbations of the gradient-matching bases flip the target too.
+
+    The same bases get uniform random noise of the same L-infinity budget
+    instead of crafted perturbations, and the model is retrained. If that
+    flips the target as often as crafting does, a "successful" attack shows
+    little about the crafted poisons.
+    """
+    rows = nearest_bases(train_x, train_y, target_x, attacker, MATCHING_POISONS)
+    rng = np.random.default_rng(seed)
+    noise = rng.uniform(-MATCHING_EPSILON, MATCHING_EPSILON, size=train_x[rows].shape).astype(np.float32)
+    perturbed = train_x.copy()
+    perturbed[rows] = np.clip(train_x[rows] + noise, 0.0, 1.0)
+    params = train_full(perturbed, train_y)
+    probabilities = np.asarray(jax.nn.softmax(_common.mlp_apply(params, jnp.asarray(target_x)[None])[0]))
+    return bool(probabilities.argmax() == attacker and probabilities[attacker] >= 0.5)
+
+
+CLEAN_REMOVALS = 10
+
+
+def poison_removal_effects(train_full, outcome, target_x, true_label, raw, rng):
+    """Retrain without each poison, and without some clean rows, and compare the actual effects on the target.
+
+    The effect of a removal is the change of the target's true-label loss,
+    the quantity that a raw influence score predicts. Training starts from the
+    same initialisation and is deterministic, so the change comes from the
+    removed row alone. The clean removals (rows of other classes) show the
+    size of an effect that means nothing. Returns how many poisons lower the
+    loss when removed (so they helped the attack), how many by more than
+    every clean removal changed it, and the Pearson correlation of predicted
+    and actual effects over all the removals.
+    """
+    loss = _common.cross_entropy(_common.mlp_apply)
+    target = jnp.asarray(target_x)[None]
+    label = jnp.asarray([true_label])
+    before = float(loss(outcome.params, target, label)[0])
+    attacker = outcome.poisoned_y[outcome.poison_indices[0]]
+    others = np.flatnonzero(outcome.poisoned_y != attacker)
+    clean_rows = rng.choice(others, size=CLEAN_REMOVALS, replace=False)
+
+    def effect(row):
+        params = train_full(np.delete(outcome.poisoned_x, row, 0), np.delete(outcome.poisoned_y, row))
+        return float(loss(params, target, label)[0]) - before
+
+    poison_effects = np.array([effect(row) for row in outcome.poison_indices])
+    clean_effects = np.array([effect(row) for row in clean_rows])
+    noise = float(np.max(np.abs(clean_effects)))
+    predicted = np.concatenate([raw[outcome.poison_indices], raw[clean_rows]])
+    actual = np.concatenate([poison_effects, clean_effects])
+    return {
+        "poisons_lowering_loss": int(np.sum(poison_effects < 0)),
+        "poisons_beyond_clean": int(np.sum(poison_effects < -noise)),
+        "clean_removal_max_effect": noise,
+        "removal_pearson": float(np.corrcoef(predicted, actual)[0, 1]),
+        "removal_effects": poison_effects.tolist(),
+        "clean_removal_effects": clean_effects.tolist(),
+        "predicted_poison_effects": raw[outcome.poison_indices].tolist(),
+    }
+
+
+def _apply_subset(merge, subset_params, x):
+    return _common.mlp_apply(merge(subset_params), x)
+
+
+SUMMARISED = ("source_first", "median_poison_rank", "intruders_attacker_class", "poisons_lowering_loss",
+              "poisons_beyond_clean", "clean_removal_max_effect", "removal_pearson")
 
 
 def summarise(runs):
@@ -176,9 +340,11 @@ def summarise(runs):
         for attack, entry in results.items():
             row = table[(dataset, attack)]
             row["attempted"].append(1)
+            if "random_control_flips" in entry:
+                row["random_control_flips"].append(float(entry["random_control_flips"]))
             if entry["succeeded"]:
                 for key, value in entry.items():
-                    if "@" in key or key == "source_first":
+                    if "@" in key or key in SUMMARISED:
                         row[key].append(float(value))
     summary = {}
     for (dataset, attack), row in table.items():
@@ -191,32 +357,72 @@ def summarise(runs):
     return summary
 
 
+CANDIDATES = ["gauss-newton", "damping-0.1", "damping-1", "gradient-cosine", "predicted-label", "margin",
+              "relative-margin", "last-layer"]
+
+
+def print_table(summary, names):
+    header = f"{'data/attack':<28} {'ok':>5} " + " ".join(f"{name + '@' + str(k):>20}" for name in names for k in (10, 20))
+    print(header)
+    for row_name, row in summary.items():
+        cells = " ".join(f"{row.get(name + '@' + str(k), float('nan')):>20.2f}" for name in names for k in (10, 20))
+        print(f"{row_name:<28} {row['succeeded']:>2}/{row['attempted']:<2} {cells}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 seeds on digits only")
     parser.add_argument("--seeds", type=int, default=10, help="seeds per data set (default 10)")
+    parser.add_argument("--candidates", action="store_true",
+                        help="also rank by the candidate scores (Gauss-Newton, more damping, predicted-label "
+                             "and margin views, last layer) and print their recall in a second table")
+    parser.add_argument("--datasets", nargs="+", choices=sorted(SETTINGS), default=None,
+                        help="data sets to run (default: digits with --quick, otherwise digits and mnist)")
+    parser.add_argument("--leave-one-out", action="store_true",
+                        help="retrain without each gradient-matching poison, and without 10 clean rows, and report "
+                             "how many poisons actually helped the attack (30 extra trainings per successful attack)")
+    parser.add_argument("--random-control", action="store_true",
+                        help="also retrain with the gradient-matching bases perturbed at random (same budget) "
+                             "and report how often that flips the target")
     args = parser.parse_args()
-    datasets = ["digits"] if args.quick else ["digits", "mnist"]
+    datasets = args.datasets or (["digits"] if args.quick else ["digits", "mnist"])
     seeds = 2 if args.quick else args.seeds
 
     started = time.perf_counter()
     runs = {}
     for dataset in datasets:
         for seed in range(seeds):
-            runs[(dataset, seed)] = run_seed(dataset, seed)
+            runs[(dataset, seed)] = run_seed(dataset, seed, args.candidates, args.leave_one_out, args.random_control)
             print(f"{dataset} seed {seed}: " + ", ".join(
                 f"{attack} {'ok' if entry['succeeded'] else 'failed'}" for attack, entry in runs[(dataset, seed)].items()
             ), flush=True)
     summary = summarise(runs)
 
-    kinds = [kind.value for kind in ScoreKind]
-    header = f"{'data/attack':<28} {'ok':>5} " + " ".join(f"{kind + '@' + str(k):>17}" for kind in kinds for k in (10, 20))
-    print(header + f" {'source 1st':>10}")
+    print_table(summary, [kind.value for kind in ScoreKind])
+    print(f"{'data/attack':<28} {'source 1st':>10} {'median poison rank':>19} {'attacker-class intruders':>25}")
     for name, row in summary.items():
-        cells = " ".join(f"{row.get(kind + '@' + str(k), float('nan')):>17.2f}" for kind in kinds for k in (10, 20))
-        print(f"{name:<28} {row['succeeded']:>2}/{row['attempted']:<2} {cells} {row.get('source_first', float('nan')):>10.2f}")
+        print(f"{name:<28} {row.get('source_first', float('nan')):>10.2f} "
+              f"{row.get('median_poison_rank', float('nan')):>19.1f} "
+              f"{row.get('intruders_attacker_class', float('nan')):>25.2f}")
+    if args.random_control:
+        for name, row in summary.items():
+            if "random_control_flips" in row:
+                print(f"{name}: random perturbations of the bases flip the target in "
+                      f"{row['random_control_flips']:.2f} of the seeds, crafted ones in "
+                      f"{row['succeeded']}/{row['attempted']}")
+    if args.leave_one_out:
+        for name, row in summary.items():
+            if "poisons_lowering_loss" in row:
+                print(f"{name}: per attack, {row['poisons_lowering_loss']:.1f} of {MATCHING_POISONS} poisons lower "
+                      f"the target's loss when removed, {row['poisons_beyond_clean']:.1f} by more than any clean "
+                      f"removal (max {row['clean_removal_max_effect']:.3f}); predicted vs actual Pearson "
+                      f"{row['removal_pearson']:.2f}; gradient-norm finds "
+                      f"{row.get('helping_recall@20', float('nan')):.2f} of those beyond clean in its top 20")
+    if args.candidates:
+        print_table(summary, CANDIDATES)
     _common.print_json({
-        "benchmark": "poison_recall", "quick": args.quick, "seeds": seeds, "machine": _common.machine(),
+        "benchmark": "poison_recall", "quick": args.quick, "seeds": seeds, "candidates": args.candidates,
+        "datasets": datasets, "machine": _common.machine(),
         "summary": summary, "seconds": time.perf_counter() - started,
         "runs": {f"{dataset}/{seed}": results for (dataset, seed), results in runs.items()},
     })
