@@ -28,10 +28,10 @@ from prometheus_client import CollectorRegistry
 from monitor import api
 from monitor.auth import TokenVerifier
 from monitor.config import load_config
-from monitor.errors import ConfigError, DatabaseNotMigratedError
+from monitor.database import open_migrated
+from monitor.errors import ConfigError
 from monitor.metrics import Metrics
-from storage import migrations
-from storage.db import create_db_engine, create_session_factory
+from storage.db import create_session_factory
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +62,7 @@ def create_app() -> FastAPI:
     """
     config = load_config(os.environ.get(CONFIG_VARIABLE))
     metrics_dir = multiprocess_dir()
-    engine = create_db_engine(config.database.url)
-    # The same check as monitor.daemon.check_schema, without importing the
-    # daemon module and with it JAX.
-    current, expected = migrations.current_revision(engine), migrations.head_revision()
-    if current != expected:
-        raise DatabaseNotMigratedError(current, expected)
+    engine = open_migrated(config.database.url)
     session_factory = create_session_factory(engine)
     model_names = [model.name for model in config.models]
     # The registry below holds this worker's metric objects; their values go

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from monitor.config import load_config
+from monitor.database import open_migrated
 from monitor.errors import PoisonwatchError
 from storage.models import IncidentState
 
@@ -100,10 +101,10 @@ def _db_downgrade(args: argparse.Namespace) -> int:
 def _incidents_list(args: argparse.Namespace) -> int:
     from monitor.api import incident_summary
     from storage import queries
-    from storage.db import create_db_engine, create_session_factory
+    from storage.db import create_session_factory
 
     config = load_config(args.config)
-    session_factory = create_session_factory(create_db_engine(config.database.url))
+    session_factory = create_session_factory(open_migrated(config.database.url))
     with session_factory() as session:
         state = IncidentState(args.state) if args.state else None
         found = queries.list_incidents(session, state=state, model=args.model, limit=args.limit)
@@ -120,10 +121,10 @@ def _incidents_list(args: argparse.Namespace) -> int:
 def _incidents_show(args: argparse.Namespace) -> int:
     from monitor.api import incident_detail
     from storage import queries
-    from storage.db import create_db_engine, create_session_factory
+    from storage.db import create_session_factory
 
     config = load_config(args.config)
-    session_factory = create_session_factory(create_db_engine(config.database.url))
+    session_factory = create_session_factory(open_migrated(config.database.url))
     with session_factory() as session:
         incident = queries.get_incident(session, args.id)
         if incident is None:
@@ -142,11 +143,11 @@ def _incidents_show(args: argparse.Namespace) -> int:
 def _incidents_act(args: argparse.Namespace) -> int:
     from monitor.api import incident_summary
     from storage import queries
-    from storage.db import create_db_engine, create_session_factory
+    from storage.db import create_session_factory
 
     action = queries.acknowledge_incident if args.incidents_command == "ack" else queries.resolve_incident
     config = load_config(args.config)
-    engine = create_db_engine(config.database.url)
+    engine = open_migrated(config.database.url)
     try:
         with create_session_factory(engine).begin() as session:
             outcome, incident = action(session, args.id)

@@ -9,30 +9,21 @@ from importlib import metadata
 import jax
 import uvicorn
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Engine
 
 from detectors import runtime
 from monitor.api import ApiState, create_app
 from monitor.auth import TokenVerifier, is_loopback
 from monitor.config import Config
-from monitor.errors import AuthenticationConfigError, DatabaseNotMigratedError, ServerStartError
+from monitor.database import check_schema
+from monitor.errors import AuthenticationConfigError, ServerStartError
 from monitor.jobs import JobContext
 from monitor.metrics import Metrics
 from monitor.registry import ModelRegistry
 from monitor.scheduler import SchedulerLeadership
-from storage import migrations
 from storage.db import create_db_engine, create_session_factory, masked_url
 from storage.locks import scheduler_lock_for
 
 logger = logging.getLogger(__name__)
-
-
-def check_schema(engine: Engine) -> None:
-    """Raise :class:`DatabaseNotMigratedError` unless the database is at the newest revision."""
-    current = migrations.current_revision(engine)
-    expected = migrations.head_revision()
-    if current != expected:
-        raise DatabaseNotMigratedError(current, expected)
 
 
 __all__ = ["Daemon", "check_schema", "is_loopback"]

@@ -190,11 +190,18 @@ def _summary(artifacts: demo_model.DemoArtifacts, incident: schemas.IncidentDeta
         "predicted_class": incident.predicted_class,
         "confidence": incident.confidence,
         "attacker_class": artifacts.attacker_class,
-        "top10": [{"example_id": s.example_id, "score": s.score, "source": s.source} for s in top10],
+        "score_kind": incident.score_kind,
+        "top10": [
+            {"example_id": s.example_id, "score": s.score, "rank_score": s.rank_score, "source": s.source}
+            for s in top10
+        ],
+        "source_influence": [source.model_dump() for source in incident.source_influence],
         "planted_poison_ids": list(artifacts.poison_ids),
         "poisons_in_top10": found,
         "recall_at_10": found / len(poisons) if poisons else 0.0,
+        "solver": incident.solver.method,
         "solver_converged": incident.solver.converged,
+        "ranking_reliable": incident.ranking_reliable,
         "solver_iterations": incident.solver.iterations,
         "solver_relative_residual": incident.solver.relative_residual,
         "clean_heldout_accuracy": artifacts.clean_heldout_accuracy,

@@ -27,12 +27,17 @@ class LoaderError(PoisonwatchError):
 class DatabaseNotMigratedError(PoisonwatchError):
     """The database schema is not at the revision this version of poisonwatch needs."""
 
-    def __init__(self, current: str | None, expected: str) -> None:
+    def __init__(self, current: str | None, expected: str, *, location: str | None = None) -> None:
         self.current = current
         self.expected = expected
+        self.location = location
+        if location is not None:
+            found = f"database file {location} not found"
+        else:
+            found = f"database schema is at revision {current or 'none (empty database)'}, expected {expected}"
         super().__init__(
-            f"database schema is at revision {current or 'none (empty database)'}, "
-            f"expected {expected}: run 'poisonwatch db upgrade --config FILE' first"
+            f"{found}: run 'poisonwatch db upgrade --config FILE' first "
+            "(relative SQLite paths are relative to the current directory)"
         )
 
 

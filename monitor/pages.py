@@ -89,8 +89,8 @@ def incident_detail_html(incident: schemas.IncidentDetail) -> str:
         verdict = "converged" if solver.converged else '<span class=warn>did not converge: ranking unreliable</span>'
         parts.append(
             f"<p>inverse-HVP ({html.escape(solver.method or 'cg')}): {solver.iterations} iterations, relative residual "
-            f"{solver.relative_residual if solver.relative_residual is not None else 'n/a'}, "
-            f"damping {solver.damping}: {verdict}</p>"
+            f"{'not checked' if solver.relative_residual is None else format(solver.relative_residual, '.2e')}, "
+            f"damping {solver.damping}{solver.captured_note()}: {verdict}</p>"
         )
     if incident.failure_reason:
         parts.append(f"<p class=warn>analysis failed: {html.escape(incident.failure_reason)}</p>")
@@ -101,12 +101,13 @@ def incident_detail_html(incident: schemas.IncidentDetail) -> str:
         parts.append(f"<h2>training examples most responsible (ranked by {ranked_by} score, most negative first)</h2>")
         parts.append(
             _table(
-                ["rank", "example id", "score", "label", "source", "content hash"],
+                ["rank", "example id", "score", "rank score", "label", "source", "content hash"],
                 [
                     [
                         str(suspect.rank),
                         html.escape(suspect.example_id),
                         f"{suspect.score:.4g}",
+                        "" if suspect.rank_score is None else f"{suspect.rank_score:.4g}",
                         str(suspect.label),
                         html.escape(suspect.source),
                         f"<code>{html.escape(suspect.content_hash[:16])}</code>",

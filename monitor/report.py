@@ -89,7 +89,7 @@ def print_incident(
         residual = "not checked" if solver.relative_residual is None else f"{solver.relative_residual:.2e}"
         console.print(
             f"inverse-HVP ({solver.method or 'cg'}): {solver.iterations} iterations, relative residual {residual}, "
-            f"damping {solver.damping}, {verdict}; analysis took {solver.seconds:.2f} s"
+            f"damping {solver.damping}{solver.captured_note()}, {verdict}; analysis took {solver.seconds:.2f} s"
         )
     if incident.failure_reason:
         console.print(f"[red]analysis failed:[/red] {incident.failure_reason}")

@@ -142,6 +142,13 @@ class SolverDiagnostics(BaseModel):
         None, description="For 'factors', the share of the incident gradient's norm inside the factors' span."
     )
 
+    def captured_note(self) -> str:
+        """Return ", N% of the incident gradient inside the factors' span" for a factors solve, else ""."""
+        # The factors solver inverts the Hessian only inside the factors' span.
+        if self.method != "factors" or self.captured is None:
+            return ""
+        return f", {self.captured:.1%} of the incident gradient inside the factors' span"
+
 
 class SourceInfluence(BaseModel):
     source: str

@@ -17,6 +17,7 @@ from monitor import jobs
 from monitor.config import Config, DatabaseConfig, InfluenceConfig, ModelConfig, SchedulerConfig, ServerConfig
 from monitor.daemon import Daemon
 from monitor.errors import DatabaseNotMigratedError
+from storage.db import create_db_engine
 from storage.models import ReleaseCheck
 from tests import toy_model
 
@@ -214,3 +215,34 @@ def test_parameter_subset_limits_factors(migrated_url):
     assert checks.factors.eigenvectors.shape[1] == 4 * toy_model.NUM_CLASSES
     assert detail["state"] == "analyzed"
     assert detail["solver"]["method"] == "factors"
+
+
+def test_incidents_command_rejects_missing_database(tmp_path):
+    config = tmp_path / "poisonwatch.toml"
+    database = tmp_path / "absent.db"
+    config.write_text(f'[database]\nurl = "sqlite:///{database}"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "monitor.cli", "incidents", "list", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "absent.db not found" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not database.exists()
+
+
+def test_incidents_command_rejects_unmigrated_database(sqlite_url, tmp_path):
+    create_db_engine(sqlite_url).connect().close()
+    config = tmp_path / "poisonwatch.toml"
+    config.write_text(f'[database]\nurl = "{sqlite_url}"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "monitor.cli", "incidents", "show", "1", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "poisonwatch db upgrade" in result.stderr
+    assert "Traceback" not in result.stderr
