@@ -148,6 +148,43 @@ def _endpoint_of(path: str) -> Endpoint | None:
     return None
 
 
+class LatencyMiddleware:
+    """ASGI middleware that observes each HTTP request's wall time in ``histogram``.
+
+    Labels are the matched route template (not the raw path, so the label set
+    stays bounded; unmatched requests share one value), the method and the
+    status class. A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware``
+    wraps the request and response streams, which costs time on large bodies.
+    """
+
+    def __init__(self, app: Any, histogram: Any) -> None:
+        self.app = app
+        self.histogram = histogram
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_recording_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recording_status)
+        finally:
+            # The router stores the matched route in this same scope dict.
+            template = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"] if scope["method"] in _KNOWN_METHODS else "other"
+            self.histogram.labels(route=template, method=method, status=f"{status // 100}xx").observe(
+                time.perf_counter() - started
+            )
+
+
 def freeze_startup_objects() -> None:
     """Exclude every object alive now from the cyclic garbage collector's future scans.
 
@@ -346,19 +383,7 @@ def create_app(state: ApiState) -> FastAPI:
     )
     app.state.poisonwatch = state
 
-    @app.middleware("http")
-    async def observe_latency(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        # The route template, not the raw path, keeps the label set bounded;
-        # requests that matched no route share one label value.
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        method = request.method if request.method in _KNOWN_METHODS else "other"
-        state.metrics.http_request_duration.labels(
-            route=template, method=method, status=f"{response.status_code // 100}xx"
-        ).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(LatencyMiddleware, histogram=state.metrics.http_request_duration)
 
     def reject(request: Request, error: ApiError) -> JSONResponse:
         endpoint = _endpoint_of(request.url.path)
