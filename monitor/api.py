@@ -151,10 +151,11 @@ def _endpoint_of(path: str) -> Endpoint | None:
 class LatencyMiddleware:
     """ASGI middleware that observes each HTTP request's wall time in ``histogram``.
 
-    Labels are the matched route template (not the raw path, so the label set
-    stays bounded; unmatched requests share one value), the method and the
-    status class. A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware``
-    wraps the request and response streams, which costs time on large bodies.
+    The labels are the matched route template, the method and the status
+    class. The template, not the raw path, keeps the label set bounded, and
+    unmatched requests share one value. Starlette's ``BaseHTTPMiddleware``
+    would wrap the request and response streams, which costs time on large
+    bodies, so this is a plain ASGI middleware.
     """
 
     def __init__(self, app: Any, histogram: Any) -> None:

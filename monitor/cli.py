@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = with_config(incidents.add_parser("list", help="list incidents, newest first"))
     listing.add_argument("--state", choices=[state.value for state in IncidentState], help="only incidents in this state")
     listing.add_argument("--model", help="only incidents of this model")
-    listing.add_argument("--limit", type=int, default=50, help="most incidents to list (default 50)")
+    listing.add_argument("--limit", type=int, default=50, help="maximum number of incidents to list (default 50)")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(handler=_incidents_list)
     show = with_config(incidents.add_parser("show", help="show one incident with its suspects"))
