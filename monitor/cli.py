@@ -43,6 +43,8 @@ def _serve(args: argparse.Namespace) -> int:
     from monitor.daemon import Daemon
 
     config = load_config(args.config)
+    # Checked before the daemon opens its engine, which would create a missing SQLite file.
+    open_migrated(config.database.url).dispose()
     daemon = Daemon(config)
     try:
         daemon.start()
