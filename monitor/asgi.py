@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from monitor import api
 from monitor.auth import TokenVerifier
-from monitor.config import load_config
+from monitor.config import CONFIG_FILE_VARIABLE, MULTIPROCESS_DIR_VARIABLE, load_config
 from monitor.database import open_migrated
 from monitor.errors import ConfigError
 from monitor.metrics import Metrics
@@ -35,8 +35,8 @@ from storage.db import create_session_factory
 
 logger = logging.getLogger(__name__)
 
-CONFIG_VARIABLE = "POISONWATCH_CONFIG"
-MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+CONFIG_VARIABLE = CONFIG_FILE_VARIABLE
+MULTIPROC_VARIABLE = MULTIPROCESS_DIR_VARIABLE
 
 
 def multiprocess_dir() -> Path:

@@ -8,11 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
-from monitor.config import load_config
+from monitor.config import CONFIG_FILE_VARIABLE, MULTIPROCESS_DIR_VARIABLE, Config, load_config
 from monitor.database import open_migrated
 from monitor.errors import PoisonwatchError
 from storage.models import IncidentState
@@ -39,12 +43,15 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from monitor.api import freeze_startup_objects
-    from monitor.daemon import Daemon
-
     config = load_config(args.config)
     # Checked before the daemon opens its engine, which would create a missing SQLite file.
     open_migrated(config.database.url).dispose()
+    if args.workers > 1:
+        return _serve_workers(config, args)
+
+    from monitor.api import freeze_startup_objects
+    from monitor.daemon import Daemon
+
     daemon = Daemon(config)
     try:
         daemon.start()
@@ -61,6 +68,52 @@ def _serve(args: argparse.Namespace) -> int:
         logger.info("shutting down")
     finally:
         daemon.stop()
+    return 0
+
+
+def _serve_workers(config: Config, args: argparse.Namespace) -> int:
+    """Serve the API from ``args.workers`` uvicorn worker processes and run the scheduler in this one.
+
+    The workers are ``monitor.asgi`` applications. Metrics of every process,
+    this one's job metrics included, go to a fresh multiprocess directory
+    that each worker's ``/metrics`` sums.
+    """
+    if "prometheus_client" in sys.modules:
+        # prometheus_client reads PROMETHEUS_MULTIPROC_DIR once, when first imported.
+        raise PoisonwatchError("internal error: prometheus_client was imported before its multiprocess directory was set")
+    metrics_dir = Path(tempfile.mkdtemp(prefix="poisonwatch-metrics-"))
+    os.environ[MULTIPROCESS_DIR_VARIABLE] = str(metrics_dir)
+    if args.config is not None:
+        os.environ[CONFIG_FILE_VARIABLE] = str(Path(args.config).resolve())
+
+    import uvicorn
+
+    from monitor.api import freeze_startup_objects
+    from monitor.daemon import Daemon
+
+    scheduler = Daemon(config)
+    try:
+        scheduler.start(serve_http=False)
+        freeze_startup_objects()
+        logger.info(
+            "serving on http://%s:%d with %d worker processes",
+            config.server.host,
+            config.server.port,
+            args.workers,
+        )
+        # uvicorn's supervisor handles SIGINT and SIGTERM, stops the workers and returns.
+        uvicorn.run(
+            "monitor.asgi:create_app",
+            factory=True,
+            workers=args.workers,
+            host=config.server.host,
+            port=config.server.port,
+            log_level="warning",
+            access_log=False,
+        )
+    finally:
+        scheduler.stop()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
@@ -194,6 +247,13 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(options)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poisonwatch", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -204,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     serve = with_config(commands.add_parser("serve", help="run the HTTP API and the job scheduler"))
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="API worker processes (default 1); with more than 1, this process runs only the scheduler",
+    )
     serve.set_defaults(handler=_serve)
 
     demo = commands.add_parser("demo", help="plant a targeted poisoning on digits and let the daemon catch it")

@@ -19,6 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from monitor.errors import ConfigError
 
 ENV_PREFIX = "POISONWATCH_"
+# The config file of API worker processes (monitor.asgi), which take no arguments.
+CONFIG_FILE_VARIABLE = "POISONWATCH_CONFIG"
+# Where prometheus_client's multiprocess mode keeps each process's metric values.
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class _Section(BaseModel):

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -145,9 +145,10 @@ loader = "tests.toy_model:load"
 class ServeProcess:
     """A ``poisonwatch serve`` subprocess; its standard error goes to a log file for failure messages."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, *, extra_args: Sequence[str] = ()) -> None:
         self.config = config
         self.log = log
+        self.extra_args = list(extra_args)
         text_config = config.read_text()
         self.port = int(text_config.split("port = ", 1)[1].split()[0])
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -157,7 +158,7 @@ class ServeProcess:
         repository = Path(__file__).resolve().parent.parent
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "monitor.cli", "serve", "--config", str(self.config)],
+                [sys.executable, "-m", "monitor.cli", "serve", "--config", str(self.config), *self.extra_args],
                 cwd=repository,
                 stdout=log,
                 stderr=log,
