@@ -391,6 +391,13 @@ def craft_feature_collision_poisons(
     Returns:
         float32 ``(P, *input_shape)`` poisons within ``epsilon`` of their bases.
     """
+    target, bases, low, high, step_size = _clean_label_arguments(target_x, base_x, epsilon, steps, step_size, clip)
+    collide = _build_collision(embed, steps=steps, low=low, high=high)
+    return np.asarray(collide(params, jnp.asarray(target), jnp.asarray(bases), epsilon, step_size), np.float32)
+
+
+def _clean_label_arguments(target_x, base_x, epsilon: float, steps: int, step_size: float | None, clip):
+    """Validate the arguments shared by the clean-label crafts; return the arrays, clip range and step size."""
     target = np.asarray(target_x, np.float32)
     bases = np.asarray(base_x, np.float32)
     low, high = _validate_clip(clip)
@@ -402,8 +409,7 @@ def craft_feature_collision_poisons(
     if step_size is None:
         step_size = 2.5 * epsilon / max(steps, 1)
     _validate_positive("step_size", step_size)
-    collide = _build_collision(embed, steps=steps, low=low, high=high)
-    return np.asarray(collide(params, jnp.asarray(target), jnp.asarray(bases), epsilon, step_size), np.float32)
+    return target, bases, low, high, step_size
 
 
 def _build_collision(embed: ApplyFn, *, steps: int, low: float, high: float):
@@ -460,18 +466,8 @@ def craft_gradient_matching_poisons(
     Returns:
         float32 ``(P, *input_shape)`` poisons within ``epsilon`` of their bases.
     """
-    target = np.asarray(target_x, np.float32)
-    bases = np.asarray(base_x, np.float32)
-    low, high = _validate_clip(clip)
-    _validate_target(target, low, high)
-    _validate_at_least("steps", steps, 0)
-    _validate_positive("epsilon", epsilon)
+    target, bases, low, high, step_size = _clean_label_arguments(target_x, base_x, epsilon, steps, step_size, clip)
     _validate_class(attacker_class, _infer_num_classes(apply, params, target.shape))
-    if bases.ndim != target.ndim + 1 or bases.shape[1:] != target.shape or len(bases) == 0:
-        raise ValueError(f"base_x must have shape (P, *{target.shape}) with P >= 1, got {bases.shape}")
-    if step_size is None:
-        step_size = 2.5 * epsilon / max(steps, 1)
-    _validate_positive("step_size", step_size)
     craft = _build_matching(apply, steps=steps, low=low, high=high)
     return np.asarray(craft(params, jnp.asarray(target), jnp.asarray(bases), attacker_class, epsilon, step_size), np.float32)
 
