@@ -219,23 +219,36 @@ def plant_dirty_label_attack(
     )
 
 
-def _build_craft(apply: ApplyFn, *, num_poisons: int, steps: int, low: float, high: float):
-    """Build the jitted crafting loop for one ``apply``, number of poisons and number of steps."""
+def _gradient_alignment(apply: ApplyFn):
+    """Return ``(parameter_gradient, misalignment)`` for gradient-matching crafts under ``apply``.
 
-    def attacker_loss(params, x, attacker_class):
+    ``parameter_gradient(params, x, label)`` is the flattened gradient of the
+    summed cross-entropy of ``label`` over the rows of ``x``.
+    ``misalignment(poisons, params, target_gradient, label)`` is one minus the
+    cosine between the poisons' gradient and ``target_gradient``.
+    """
+
+    def attacker_loss(params, x, label):
         logits = apply(params, x)
-        labels = jnp.full((x.shape[0],), attacker_class, dtype=jnp.int32)
+        labels = jnp.full((x.shape[0],), label, dtype=jnp.int32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
 
-    def parameter_gradient(params, x, attacker_class):
-        return ravel_pytree(jax.grad(attacker_loss)(params, x, attacker_class))[0]
+    def parameter_gradient(params, x, label):
+        return ravel_pytree(jax.grad(attacker_loss)(params, x, label))[0]
 
-    def misalignment(poisons, params, target_gradient, attacker_class):
-        poison_gradient = parameter_gradient(params, poisons, attacker_class)
+    def misalignment(poisons, params, target_gradient, label):
+        poison_gradient = parameter_gradient(params, poisons, label)
         # The tiny constant keeps the cosine finite when a gradient vanishes,
-        # for instance when the model already puts the target in attacker_class.
+        # for instance when the model already puts the target in the label's class.
         norms = jnp.linalg.norm(poison_gradient) * jnp.linalg.norm(target_gradient) + 1e-12
         return 1.0 - jnp.dot(poison_gradient, target_gradient) / norms
+
+    return parameter_gradient, misalignment
+
+
+def _build_craft(apply: ApplyFn, *, num_poisons: int, steps: int, low: float, high: float):
+    """Build the jitted crafting loop for one ``apply``, number of poisons and number of steps."""
+    parameter_gradient, misalignment = _gradient_alignment(apply)
 
     @jax.jit
     def craft(params, target, attacker_class, epsilon, step_size, key):
@@ -473,17 +486,7 @@ def craft_gradient_matching_poisons(
 
 
 def _build_matching(apply: ApplyFn, *, steps: int, low: float, high: float):
-    def parameter_gradient(params, x, label):
-        def total_loss(theta):
-            labels = jnp.full((x.shape[0],), label, dtype=jnp.int32)
-            return optax.softmax_cross_entropy_with_integer_labels(apply(theta, x), labels).sum()
-
-        return ravel_pytree(jax.grad(total_loss)(params))[0]
-
-    def misalignment(poisons, params, target_gradient, label):
-        poison_gradient = parameter_gradient(params, poisons, label)
-        norms = jnp.linalg.norm(poison_gradient) * jnp.linalg.norm(target_gradient) + 1e-12
-        return 1.0 - jnp.dot(poison_gradient, target_gradient) / norms
+    parameter_gradient, misalignment = _gradient_alignment(apply)
 
     @jax.jit
     def craft(params, target, bases, label, epsilon, step_size):
