@@ -219,13 +219,14 @@ def plant_dirty_label_attack(
     )
 
 
-def _gradient_alignment(apply: ApplyFn):
-    """Return ``(parameter_gradient, misalignment)`` for gradient-matching crafts under ``apply``.
+def _gradient_alignment(apply: ApplyFn, steps: int):
+    """Build the traceable gradient-matching loop shared by the dirty-label and clean-label crafts.
 
-    ``parameter_gradient(params, x, label)`` is the flattened gradient of the
-    summed cross-entropy of ``label`` over the rows of ``x``.
-    ``misalignment(poisons, params, target_gradient, label)`` is one minus the
-    cosine between the poisons' gradient and ``target_gradient``.
+    The returned ``align(params, target, start, lower, upper, label, step_size)``
+    takes ``steps`` projected signed-gradient steps from ``start`` that lower one
+    minus the cosine between the poisons' parameter gradient and the target's,
+    both of the summed cross-entropy of ``label``. After every step the poisons
+    are clipped into ``[lower, upper]``.
     """
 
     def attacker_loss(params, x, label):
@@ -243,12 +244,21 @@ def _gradient_alignment(apply: ApplyFn):
         norms = jnp.linalg.norm(poison_gradient) * jnp.linalg.norm(target_gradient) + 1e-12
         return 1.0 - jnp.dot(poison_gradient, target_gradient) / norms
 
-    return parameter_gradient, misalignment
+    def align(params, target, start, lower, upper, label, step_size):
+        target_gradient = parameter_gradient(params, target[None], label)
+
+        def step(_, poisons):
+            gradient = jax.grad(misalignment)(poisons, params, target_gradient, label)
+            return jnp.clip(poisons - step_size * jnp.sign(gradient), lower, upper)
+
+        return jax.lax.fori_loop(0, steps, step, start)
+
+    return align
 
 
 def _build_craft(apply: ApplyFn, *, num_poisons: int, steps: int, low: float, high: float):
     """Build the jitted crafting loop for one ``apply``, number of poisons and number of steps."""
-    parameter_gradient, misalignment = _gradient_alignment(apply)
+    align = _gradient_alignment(apply, steps)
 
     @jax.jit
     def craft(params, target, attacker_class, epsilon, step_size, key):
@@ -258,13 +268,7 @@ def _build_craft(apply: ApplyFn, *, num_poisons: int, steps: int, low: float, hi
             key, (num_poisons, *target.shape), minval=-epsilon, maxval=epsilon
         )
         start = jnp.clip(target + offsets, lower, upper)
-        target_gradient = parameter_gradient(params, target[None], attacker_class)
-
-        def step(_, poisons):
-            gradient = jax.grad(misalignment)(poisons, params, target_gradient, attacker_class)
-            return jnp.clip(poisons - step_size * jnp.sign(gradient), lower, upper)
-
-        return jax.lax.fori_loop(0, steps, step, start)
+        return align(params, target, start, lower, upper, attacker_class, step_size)
 
     return craft
 
@@ -486,19 +490,13 @@ def craft_gradient_matching_poisons(
 
 
 def _build_matching(apply: ApplyFn, *, steps: int, low: float, high: float):
-    parameter_gradient, misalignment = _gradient_alignment(apply)
+    align = _gradient_alignment(apply, steps)
 
     @jax.jit
     def craft(params, target, bases, label, epsilon, step_size):
         lower = jnp.maximum(bases - epsilon, low)
         upper = jnp.minimum(bases + epsilon, high)
-        target_gradient = parameter_gradient(params, target[None], label)
-
-        def step(_, poisons):
-            gradient = jax.grad(misalignment)(poisons, params, target_gradient, label)
-            return jnp.clip(poisons - step_size * jnp.sign(gradient), lower, upper)
-
-        return jax.lax.fori_loop(0, steps, step, bases)
+        return align(params, target, bases, lower, upper, label, step_size)
 
     return craft
 
