@@ -53,7 +53,7 @@ def mlp_apply(params, x):
 
 
 def mlp_features(params, x):
-    """The MLP's penultimate features."""
+    """Return the MLP's penultimate features, shape ``(B, hidden)``."""
     return jnp.tanh(x.reshape(x.shape[0], -1) @ params["w1"] + params["b1"])
 
 

@@ -14,8 +14,8 @@ retained eigenvalue, so the residual is treated as if it had that curvature,
 the value a deflation preconditioner uses), ``DROP`` takes ``c = 0`` (the
 residual is projected out, as in Arnoldi influence). With ``r = P`` the
 residual is empty and the solve is exact up to rounding. With ``r < P``,
-``captured`` in :class:`FactorSolve` says how much of ``b`` lay in the span,
-and an explicit residual (one HVP pass) says how accurate the solve was.
+``captured`` in :class:`FactorSolve` reports how much of ``b`` lay in the span,
+and an explicit residual (one HVP pass) measures how accurate the solve was.
 
 The factors serialise with :func:`factors_to_bytes` to an ``.npz`` archive
 (never pickle) that carries :data:`FORMAT_VERSION`, checked by
@@ -48,7 +48,7 @@ DEFAULT_OVERSAMPLING = 16
 
 
 class ResidualTreatment(str, enum.Enum):
-    """How :func:`apply_inverse` treats the part of ``b`` outside the kept eigenvectors."""
+    """Treatment by :func:`apply_inverse` of the part of ``b`` outside the kept eigenvectors."""
 
     SMALLEST = "smallest"
     DROP = "drop"

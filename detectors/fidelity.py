@@ -24,7 +24,7 @@ LossFn = Callable[[Params, Any, Any], jax.Array]
 
 
 class FidelityFigures(NamedTuple):
-    """How well predicted leave-one-out effects match actual ones.
+    """Agreement of predicted leave-one-out effects with actual ones.
 
     Attributes:
         pearson: Pearson correlation of predicted and actual effects.

@@ -27,9 +27,10 @@ is conjugate gradient (:func:`detectors.solvers.cg`), LiSSA
 approximation (:func:`make_gauss_newton_hvp`, positive semi-definite).
 
 Training sets are read in batches of one fixed padded shape
-(:mod:`detectors.batching`), so each jitted per-batch function compiles once
-per loss function and batch shape, the arrays may be ``np.memmap`` files
-larger than memory, and a batch can be split over all local devices.
+(:mod:`detectors.batching`). Each jitted per-batch function therefore
+compiles once per loss function and batch shape. The arrays may be
+``np.memmap`` files larger than memory, and a batch can be split over all
+local devices.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class SolverKind(str, enum.Enum):
 
 
 class HessianKind(str, enum.Enum):
-    """Which curvature :func:`compute_influence` inverts."""
+    """Curvature matrix that :func:`compute_influence` inverts."""
 
     EXACT = "exact"
     GAUSS_NEWTON = "gauss-newton"

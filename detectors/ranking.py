@@ -45,7 +45,7 @@ NORMALIZER_FLOOR = 1e-12
 
 
 class ScoreKind(str, enum.Enum):
-    """How suspects are ranked; see the module docstring."""
+    """Score that ranks suspects, as the module docstring defines each."""
 
     RAW = "raw"
     GRADIENT_NORM = "gradient-norm"

@@ -89,7 +89,7 @@ class BodySizeLimit:
     """ASGI middleware that rejects request bodies over ``max_bytes`` with a 413.
 
     A declared ``Content-Length`` over the limit is rejected before the body
-    is read; a chunked body is counted as it arrives and rejected when it
+    is read. A chunked body is counted as it arrives and rejected when it
     crosses the limit.
     """
 

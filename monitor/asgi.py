@@ -65,8 +65,8 @@ def create_app() -> FastAPI:
     engine = open_migrated(config.database.url)
     session_factory = create_session_factory(engine)
     model_names = [model.name for model in config.models]
-    # The registry below holds this worker's metric objects; their values go
-    # to files in metrics_dir, and /metrics reads those files.
+    # The registry below contains this worker's metric objects. Their values
+    # go to files in metrics_dir, and /metrics reads those files.
     metrics = Metrics(CollectorRegistry(), model_names, session_factory, multiprocess_dir=metrics_dir)
     # Workers bind to the configured host, so the same token rule applies as for serve.
     state = api.ApiState(

@@ -59,7 +59,7 @@ class PoisonwatchClient:
     and logged, since resending it cannot succeed. Other failures are retried
     up to ``max_retries`` times, waiting ``backoff_seconds * 2**attempt``
     (with jitter, at most ``max_backoff_seconds``, and at least the server's
-    ``Retry-After``); after that the batch is put back at the head of the
+    ``Retry-After``). After that the batch is put back at the head of the
     queue and retried on the next flush.
     """
 

@@ -21,7 +21,7 @@ from monitor.errors import ConfigError
 ENV_PREFIX = "POISONWATCH_"
 # The config file of API worker processes (monitor.asgi), which take no arguments.
 CONFIG_FILE_VARIABLE = "POISONWATCH_CONFIG"
-# Where prometheus_client's multiprocess mode keeps each process's metric values.
+# Directory in which prometheus_client's multiprocess mode keeps each process's metric values.
 MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -74,7 +74,7 @@ class SchedulerConfig(_Section):
         "defaults to half the shortest job interval.",
     )
     max_backoff_seconds: float = Field(
-        60.0, gt=0, description="Longest pause of a job after consecutive database failures."
+        60.0, gt=0, description="Maximum pause of a job after consecutive database failures, in seconds."
     )
     retention_interval_seconds: float = Field(3600.0, gt=0, description="How often the retention job runs.")
     release_check_interval_seconds: float = Field(

@@ -1,10 +1,10 @@
 """``poisonwatch demo``: plant a targeted poisoning, then watch the daemon catch it.
 
-The demo trains the digits model with a planted attack, starts the daemon on
-an embedded SQLite database in the work directory, replays the production
-split through the HTTP API as a serving application would (predictions first,
-ground-truth labels later), waits for the target's incident to be analyzed and
-prints it with its suspects.
+The demo trains the digits model with a planted attack and starts the daemon
+on an embedded SQLite database in the work directory. It then replays the
+production split through the HTTP API as a serving application would,
+predictions first and ground-truth labels later. When the target's incident
+is analyzed, it prints the incident with its suspects.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def prediction_id(row: int) -> str:
 
 
 def demo_config(workdir: Path, port: int) -> Config:
-    """The daemon configuration the demo runs with: SQLite in ``workdir``, short job intervals.
+    """Build the daemon configuration of the demo: SQLite in ``workdir``, short job intervals.
 
     ``POISONWATCH_*`` environment variables override it as they override a
     config file, for example ``POISONWATCH_INFLUENCE_SOLVER=factors``.

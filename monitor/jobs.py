@@ -335,7 +335,7 @@ def apply_retention(context: JobContext) -> dict[str, int]:
     """Delete predictions and labels past their retention period, in bounded batches; return counts.
 
     Each batch is its own transaction of at most ``retention.batch_size``
-    rows, so the API keeps writing meanwhile; a run stops after
+    rows, so the API keeps writing meanwhile. A run stops after
     ``retention.max_batches_per_run`` batches or when ``stopping`` is set.
     """
     settings = context.config.retention

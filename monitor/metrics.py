@@ -10,9 +10,10 @@ accuracy overall and per class) are read from the database by
 the same numbers.
 
 With several API worker processes (``monitor.asgi``), prometheus_client runs
-in multiprocess mode: counters and histograms are summed over the files that
-each worker writes under ``PROMETHEUS_MULTIPROC_DIR``, including the files of
-workers that have died, so a counter never drops when a worker is replaced.
+in multiprocess mode. Counters and histograms are then summed over the files
+that each worker writes under ``PROMETHEUS_MULTIPROC_DIR``. The files of
+workers that have died count too, so a counter does not drop when a worker is
+replaced.
 docs/metrics.md lists every metric with its type, unit, labels and meaning.
 """
 

@@ -1,9 +1,9 @@
 """The APScheduler set-up and scheduler leadership.
 
 Jobs run on intervals from the config, from an in-memory job store, in UTC.
-Only the process holding the scheduler lock (:mod:`storage.locks`) runs them:
-on PostgreSQL the other replicas wait as standbys and take over when the
-leader's lock goes; on SQLite a second scheduler is rejected at start.
+Only the process that holds the scheduler lock (:mod:`storage.locks`) runs
+them. On PostgreSQL the other replicas wait as standbys and take over when
+the leader's lock goes. On SQLite a second scheduler is rejected at start.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class SchedulerLeadership:
     standby, and a background thread tries the lock again every
     ``scheduler.leader_check_seconds``. The leader checks its lock as often
     and stops its scheduler when the lock is lost, for example when the
-    database connection breaks; it takes the lock again once the database is
+    database connection breaks. It takes the lock again once the database is
     back. ``on_change(is_leader)`` is called on each change.
     """
 

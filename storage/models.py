@@ -263,7 +263,7 @@ class JobRun(Base):
     """One run of a scheduled job, for auditing and for the last-success metric.
 
     ``scheduled_for`` is the start of the interval slot a scheduled run
-    belongs to; the unique constraint on ``(job, scheduled_for)`` lets only one
+    belongs to. The unique constraint on ``(job, scheduled_for)`` lets only one
     replica run a job per slot. Runs started by hand leave it NULL, and NULLs
     never collide.
     """

@@ -14,7 +14,7 @@ from monitor.client import Kind, PoisonwatchClient
 
 
 class FakeServer:
-    """An httpx transport that records each batch and answers from a scripted list of status codes."""
+    """An httpx transport that records each batch and responds from a scripted list of status codes."""
 
     def __init__(self, statuses: list[int] | None = None) -> None:
         self.statuses = list(statuses or [])

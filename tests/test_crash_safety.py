@@ -24,7 +24,7 @@ CLIENT_THREADS = 2
 
 
 class Ingestor:
-    """Client threads that post batches of new predictions and record every id answered with 200."""
+    """Client threads that post batches of new predictions and record every id acknowledged with 200."""
 
     def __init__(self, base_url: str, prefix: str) -> None:
         self.base_url = base_url

@@ -20,7 +20,7 @@ EXAMPLES_PER_OPERATION = 40
 def test_api_conforms_to_openapi(api_state):
     # NOTE: schemathesis.pytest.from_fixture would give one test per operation,
     # but schemathesis 4.32 reads a private pytest attribute that pytest 9
-    # removed; the loop below drives the same strategies through Hypothesis.
+    # removed. The loop below drives the same strategies through Hypothesis.
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(api_state))
     operations = [result.ok() for result in schema.get_all_operations()]
     tested = []
