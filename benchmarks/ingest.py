@@ -6,6 +6,10 @@ ratio is measured under the same conditions. The API runs in its own process
 JSON batches one after another; the raw path inserts prepared row dicts with
 ``Connection.execute(insert, rows)``, one transaction per batch.
 
+The API is measured with each input in both of its forms: base64 float32
+bytes (``data_base64``, what ``monitor.client`` sends) and JSON numbers
+(``data``). The headline ratio is the first.
+
     .venv/bin/python benchmarks/ingest.py --postgres-url postgresql+psycopg://postgres@127.0.0.1:5432/pw_bench
 
 The PostgreSQL database named by ``--postgres-url`` is emptied. The last line
@@ -15,6 +19,7 @@ of output is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime as dt
 import hashlib
 import json
@@ -76,7 +81,7 @@ def serve(url: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-def make_items(prefix: str, count: int, seed: int) -> list[dict]:
+def make_items(prefix: str, count: int, seed: int, base64_inputs: bool = False) -> list[dict]:
     rng = np.random.default_rng(seed)
     inputs = rng.random((count, 64), dtype=np.float32).round(4)
     logits = rng.normal(size=(count, NUM_CLASSES))
@@ -87,7 +92,9 @@ def make_items(prefix: str, count: int, seed: int) -> list[dict]:
             "prediction_id": f"{prefix}-{index}",
             "predicted_class": int(probabilities[index].argmax()),
             "probabilities": [round(float(value), 6) for value in probabilities[index]],
-            "input": {"shape": INPUT_SHAPE, "data": [float(value) for value in inputs[index]]},
+            "input": {"shape": INPUT_SHAPE, "data_base64": base64.b64encode(inputs[index].tobytes()).decode()}
+            if base64_inputs
+            else {"shape": INPUT_SHAPE, "data": [float(value) for value in inputs[index]]},
             "timestamp": timestamp,
         }
         for index in range(count)
@@ -104,7 +111,10 @@ def raw_rows(items: list[dict], version_id: int) -> list[dict]:
     rows = []
     received = dt.datetime.now(dt.UTC)
     for item in items:
-        data = np.asarray(item["input"]["data"], dtype="<f4")
+        if "data" in item["input"]:
+            data = np.asarray(item["input"]["data"], dtype="<f4")
+        else:
+            data = np.frombuffer(base64.b64decode(item["input"]["data_base64"]), dtype="<f4")
         probabilities = np.asarray(item["probabilities"], dtype="<f4")
         rows.append(
             {
@@ -197,29 +207,41 @@ def reset_postgres(url: str) -> None:
 def run_backend(name: str, url: str, batch_size: int, num_batches: int, rounds: int) -> dict:
     migrations.upgrade(url)
     version_id = register_model(url)
-    api_rates, raw_rates = [], []
+    rates: dict[str, list[float]] = {"api": [], "api_numbers": [], "raw": []}
     for round_index in range(rounds):
-        # The API and raw paths alternate, each into an emptied table, so neither benefits from the other's order.
-        api_items = [make_items(f"api{round_index}-{batch}", batch_size, seed=batch) for batch in range(num_batches)]
-        bodies = [json.dumps({"predictions": items}).encode() for items in api_items]
+        # The three measurements alternate, each into an emptied table, so none benefits from the others' order.
+        bodies = {
+            "api": encode_bodies(f"api{round_index}", batch_size, num_batches, base64_inputs=True),
+            "api_numbers": encode_bodies(f"num{round_index}", batch_size, num_batches, base64_inputs=False),
+        }
         raw_batches = [raw_rows(make_items(f"raw{round_index}-{batch}", batch_size, seed=batch), version_id) for batch in range(num_batches)]
+        for path, path_bodies in bodies.items():
+            empty_predictions(url)
+            rates[path].append(measure_api(url, path_bodies, batch_size))
         empty_predictions(url)
-        api_rates.append(measure_api(url, bodies, batch_size))
-        empty_predictions(url)
-        raw_rates.append(measure_raw(url, raw_batches))
-    api_rate = float(np.median(api_rates))
-    raw_rate = float(np.median(raw_rates))
+        rates["raw"].append(measure_raw(url, raw_batches))
+    median = {path: float(np.median(values)) for path, values in rates.items()}
     return {
         "backend": name,
-        "api_predictions_per_second": round(api_rate, 1),
-        "raw_predictions_per_second": round(raw_rate, 1),
-        "ratio": round(api_rate / raw_rate, 3),
-        "api_rounds": [round(rate, 1) for rate in api_rates],
-        "raw_rounds": [round(rate, 1) for rate in raw_rates],
-        # Each round's API and raw runs follow each other, so these ratios
-        # show how much load from other processes moved the result.
-        "round_ratios": [round(api / raw, 3) for api, raw in zip(api_rates, raw_rates)],
+        "api_predictions_per_second": round(median["api"], 1),
+        "api_numbers_predictions_per_second": round(median["api_numbers"], 1),
+        "raw_predictions_per_second": round(median["raw"], 1),
+        "ratio": round(median["api"] / median["raw"], 3),
+        "ratio_numbers": round(median["api_numbers"] / median["raw"], 3),
+        "api_rounds": [round(rate, 1) for rate in rates["api"]],
+        "api_numbers_rounds": [round(rate, 1) for rate in rates["api_numbers"]],
+        "raw_rounds": [round(rate, 1) for rate in rates["raw"]],
+        # Each round's runs follow each other, so these ratios show how much
+        # load from other processes moved the result.
+        "round_ratios": [round(api / raw, 3) for api, raw in zip(rates["api"], rates["raw"])],
     }
+
+
+def encode_bodies(prefix: str, batch_size: int, num_batches: int, base64_inputs: bool) -> list[bytes]:
+    return [
+        json.dumps({"predictions": make_items(f"{prefix}-{batch}", batch_size, seed=batch, base64_inputs=base64_inputs)}).encode()
+        for batch in range(num_batches)
+    ]
 
 
 def main() -> int:
@@ -244,12 +266,13 @@ def main() -> int:
     else:
         print("PostgreSQL skipped: pass --postgres-url or set POISONWATCH_BENCH_POSTGRES_URL", file=sys.stderr)
 
-    print(f"{'backend':<12}{'API pred/s':>14}{'raw pred/s':>14}{'API/raw':>10}")
+    print(f"{'backend':<12}{'inputs':<10}{'API pred/s':>14}{'raw pred/s':>14}{'API/raw':>10}")
     for result in results:
-        print(
-            f"{result['backend']:<12}{result['api_predictions_per_second']:>14,.0f}"
-            f"{result['raw_predictions_per_second']:>14,.0f}{result['ratio']:>10.2f}"
-        )
+        for inputs, rate, ratio in (
+            ("base64", result["api_predictions_per_second"], result["ratio"]),
+            ("numbers", result["api_numbers_predictions_per_second"], result["ratio_numbers"]),
+        ):
+            print(f"{result['backend']:<12}{inputs:<10}{rate:>14,.0f}{result['raw_predictions_per_second']:>14,.0f}{ratio:>10.2f}")
     summary = {
         "batch_size": args.batch_size,
         "timed_batches": args.batches - 1,

@@ -15,6 +15,7 @@ sends batches and retries failed sends with exponential backoff.
 from __future__ import annotations
 
 import atexit
+import base64
 import collections
 import dataclasses
 import datetime as dt
@@ -22,6 +23,7 @@ import enum
 import logging
 import math
 import random
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -116,11 +118,18 @@ class PoisonwatchClient:
         model_version: str | None = None,
         timestamp: dt.datetime | None = None,
     ) -> None:
-        """Queue one prediction; returns at once. ``timestamp`` defaults to now (UTC)."""
+        """Queue one prediction; returns at once. ``timestamp`` defaults to now (UTC).
+
+        The input is sent as base64 float32 bytes, which the server decodes
+        far faster than JSON numbers. A value that is not finite, or beyond
+        the float32 range, raises :class:`ValueError` here instead of getting
+        the whole batch rejected later.
+        """
+        shape = [int(size) for size in input_shape]
         item = {
             "prediction_id": prediction_id,
             "predicted_class": int(predicted_class),
-            "input": {"shape": [int(size) for size in input_shape], "data": [float(value) for value in input_data]},
+            "input": {"shape": shape, "data_base64": _float32_base64(input_data, shape)},
             "timestamp": (timestamp or dt.datetime.now(dt.UTC)).isoformat(),
         }
         if probabilities is not None:
@@ -249,6 +258,20 @@ class PoisonwatchClient:
             kept = items[-room:] if room < len(items) else items
             self.stats.dropped_queue_full += len(items) - len(kept)
             queue.extendleft(reversed(kept))
+
+
+def _float32_base64(values: Sequence[float], shape: Sequence[int]) -> str:
+    """Encode ``values`` as little-endian float32 bytes in standard base64, checking them against ``shape``."""
+    values = [float(value) for value in values]
+    if len(values) != math.prod(shape):
+        raise ValueError(f"input_data has {len(values)} values, expected {math.prod(shape)} for input_shape {list(shape)}")
+    if not all(map(math.isfinite, values)):
+        raise ValueError("input_data: every value must be finite")
+    try:
+        packed = struct.pack(f"<{len(values)}f", *values)
+    except OverflowError:
+        raise ValueError("input_data: a value is beyond the float32 range") from None
+    return base64.b64encode(packed).decode("ascii")
 
 
 def _retry_after_seconds(response: httpx.Response) -> float:

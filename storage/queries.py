@@ -11,7 +11,7 @@ import datetime as dt
 import enum
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import String, and_, any_, bindparam, delete, exists, func, select, update
+from sqlalchemy import Row, String, and_, any_, bindparam, delete, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
@@ -141,6 +141,18 @@ def current_version(session: Session, model: str) -> ModelVersion | None:
     return session.scalar(select(ModelVersion).where(ModelVersion.model == model, ModelVersion.is_current))
 
 
+def version_fields(session: Session, model: str, version: str | None = None) -> Row | None:
+    """Return ``id``, ``version``, ``input_shape`` and ``num_classes`` of a version of ``model``, or None.
+
+    The version is ``version`` when given, else the model's current one.
+    Ingestion reads only these columns for each request, and a Core row
+    costs less than loading the ORM object into the session.
+    """
+    condition = ModelVersion.is_current if version is None else ModelVersion.version == version
+    columns = (ModelVersion.id, ModelVersion.version, ModelVersion.input_shape, ModelVersion.num_classes)
+    return session.execute(select(*columns).where(ModelVersion.model == model, condition)).first()
+
+
 def current_versions(session: Session) -> dict[str, ModelVersion]:
     """Return the current version of every registered model, by model name."""
     rows = session.scalars(select(ModelVersion).where(ModelVersion.is_current))
@@ -177,14 +189,23 @@ def insert_predictions(session: Session, model: str, records: Sequence[Predictio
     return insert_prediction_rows(session, model, rows)
 
 
-def insert_prediction_rows(session: Session, model: str, rows: Sequence[dict]) -> WriteOutcome:
+def insert_prediction_rows(session: Session, model: str, rows: Sequence[dict], *, check_stored: bool = True) -> WriteOutcome:
     """Insert the rows whose ``prediction_id`` is new; report repeats with the same and with other content.
 
     Each row is a dict with every column of ``predictions`` except ``id``, and
     its ``model`` must equal ``model``. This is the form the API builds,
     without a :class:`PredictionRecord` per row.
+
+    With ``check_stored=False`` the stored ids are not looked up first: when no
+    id repeats within ``rows``, the rows are inserted as they are, and an id
+    that is already stored raises :class:`sqlalchemy.exc.IntegrityError` from
+    the unique constraint. The caller then rolls back and calls again with
+    the check.
     """
     ids = [row["prediction_id"] for row in rows]
+    if not check_stored and len(set(ids)) == len(ids):
+        session.connection().execute(Prediction.__table__.insert(), rows)
+        return WriteOutcome(accepted=len(rows), duplicates=0)
     # One SELECT for the whole batch, through the (model, prediction_id) unique index.
     stored = dict(
         session.execute(

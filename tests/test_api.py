@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
+from types import SimpleNamespace
+
+import hypothesis
+import hypothesis.strategies as st
 
 import numpy as np
 import pytest
 from sqlalchemy import func, select
 
 from monitor import cli
-from monitor.api import ApiState
+from monitor.api import ApiState, _content_digest, _TargetVersion
 from storage import queries
 from storage.models import Incident, IncidentState, Label, Prediction
 from tests.conftest import INPUT_SHAPE, MODEL, NUM_CLASSES, VERSION
@@ -349,6 +354,100 @@ def test_stored_input_round_trips(client, api_state):
         stored = session.scalar(select(Prediction))
     assert stored.input_shape == list(INPUT_SHAPE)
     assert len(stored.input_data) == 4 * math.prod(INPUT_SHAPE)
+
+
+def encoded(values) -> str:
+    return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode()
+
+
+def test_base64_input_stored_like_numbers(client, api_state):
+    values = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    as_text = prediction("a", input={"shape": list(INPUT_SHAPE), "data_base64": encoded(values)})
+    as_numbers = prediction("b", input={"shape": list(INPUT_SHAPE), "data": values})
+    response = client.post(PREDICTIONS, json={"predictions": [as_text, as_numbers]})
+    assert response.json() == {"accepted": 2, "duplicates": 0}
+    with api_state.session_factory() as session:
+        stored = {row.prediction_id: row for row in session.scalars(select(Prediction))}
+    assert stored["a"].input_data == stored["b"].input_data == np.asarray(values, dtype="<f4").tobytes()
+    # Both forms of the same values are one prediction: a retry in the other form is a duplicate.
+    retry = client.post(PREDICTIONS, json={"predictions": [prediction("a", input={"shape": list(INPUT_SHAPE), "data": values})]})
+    assert retry.json() == {"accepted": 0, "duplicates": 1}
+
+
+@pytest.mark.parametrize(
+    ("input_array", "message"),
+    [
+        pytest.param({"shape": [2, 3]}, "give exactly one of 'data' and 'data_base64'", id="neither"),
+        pytest.param(
+            {"shape": [2, 3], "data": [0.0] * 6, "data_base64": encoded([0.0] * 6)},
+            "give exactly one of 'data' and 'data_base64'",
+            id="both",
+        ),
+        pytest.param({"shape": [2, 3], "data_base64": encoded([0.0] * 5)}, "expected 32 for 6 float32 values", id="too-short"),
+        pytest.param({"shape": [2, 3], "data_base64": "!" * 32}, "input.data_base64: not valid base64", id="not-base64"),
+        pytest.param(
+            {"shape": [2, 3], "data_base64": base64.b64encode(bytes(24)).decode()[:-4] + "AA=A"},
+            "input.data_base64: not valid base64",
+            id="misplaced-padding",
+        ),
+        pytest.param(
+            {"shape": [2, 3], "data_base64": base64.b64encode(bytes(24)).decode()[:-2] + "=="},
+            "input.data_base64: decodes to 22 bytes, expected 24",
+            id="padding-shortens",
+        ),
+        pytest.param(
+            {"shape": [2, 3], "data_base64": base64.b64encode(bytes(19)).decode() + "AAAA"},
+            "input.data_base64: not valid base64",
+            id="data-after-padding",
+        ),
+        pytest.param(
+            {"shape": [2, 3], "data_base64": encoded([0.0, np.nan, 0.0, 0.0, 0.0, 0.0])},
+            "input.data_base64: values are not finite",
+            id="nan",
+        ),
+        pytest.param(
+            {"shape": [2, 3], "data_base64": encoded([0.0, 0.0, 0.0, 0.0, 0.0, -np.inf])},
+            "input.data_base64: values are not finite",
+            id="infinite",
+        ),
+    ],
+)
+def test_invalid_base64_input_rejected(client, api_state, input_array, message):
+    response = client.post(PREDICTIONS, json={"predictions": [prediction("ok"), prediction("bad", input=input_array)]})
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("predictions[1].input")
+    assert message in response.json()["detail"]
+    assert stored_counts(api_state) == (0, 0)
+
+
+def test_first_invalid_item_reported_across_input_forms(client):
+    not_finite = prediction("nan", input={"shape": list(INPUT_SHAPE), "data_base64": encoded([np.nan] * 6)})
+    overflowing = prediction("big", input={"shape": list(INPUT_SHAPE), "data": [1e39] * 6})
+    response = client.post(PREDICTIONS, json={"predictions": [prediction("ok"), overflowing, not_finite]})
+    assert response.json()["detail"] == "predictions[1].input.data: values overflow float32"
+    response = client.post(PREDICTIONS, json={"predictions": [prediction("ok"), not_finite, overflowing]})
+    assert response.json()["detail"] == "predictions[1].input.data_base64: values are not finite"
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(
+    name=st.text(min_size=1, max_size=20),
+    predicted_class=st.integers(min_value=0, max_value=2**40),
+    confidence=st.none() | st.floats(min_value=0.0, max_value=1.0),
+    shape=st.lists(st.integers(min_value=1, max_value=10**6), min_size=1, max_size=8),
+    timestamp=st.none() | st.datetimes(timezones=st.timezones()),
+    probabilities=st.none() | st.binary(max_size=16),
+)
+def test_content_digest_header_matches_json(name, predicted_class, confidence, shape, timestamp, probabilities):
+    # The API puts the digest header together from pieces; it must equal the json.dumps text stored digests use.
+    version = _TargetVersion(id=1, name=name, input_shape=shape, num_classes=3)
+    item = SimpleNamespace(predicted_class=predicted_class, confidence=confidence, timestamp=timestamp)
+    input_data = b"\x00" * 8
+    header = json.dumps(
+        [name, predicted_class, confidence, shape, timestamp.isoformat() if timestamp else None, probabilities is not None]
+    )
+    expected = hashlib.sha256(header.encode() + (probabilities or b"") + input_data).hexdigest()
+    assert _content_digest(version, item, probabilities, input_data) == expected
 
 
 def test_healthz_reports_ok(client):

@@ -8,9 +8,13 @@ import sys
 import threading
 
 import httpx
+import numpy as np
 import pytest
+from sqlalchemy import select
 
 from monitor.client import Kind, PoisonwatchClient
+from storage.models import Prediction
+from tests.conftest import INPUT_SHAPE, MODEL
 
 
 class FakeServer:
@@ -109,3 +113,39 @@ def test_client_imports_without_jax():
     code = "import sys, monitor.client; assert 'jax' not in sys.modules and 'sqlalchemy' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("input_data", "message"),
+    [
+        pytest.param([0.0] * 3, "3 values, expected 4", id="wrong-size"),
+        pytest.param([0.0, float("nan"), 0.0, 0.0], "must be finite", id="nan"),
+        pytest.param([0.0, 1e39, 0.0, 0.0], "beyond the float32 range", id="overflow"),
+    ],
+)
+def test_client_rejects_bad_input_at_once(input_data, message):
+    server = FakeServer()
+    client = make_client(server)
+    with pytest.raises(ValueError, match=message):
+        client.log_prediction("bad", predicted_class=1, probabilities=[0.1, 0.8, 0.1], input_data=input_data, input_shape=[2, 2])
+    log(client, 2)
+    assert client.close()
+    assert server.ids("predictions") == ["p-0", "p-1"]
+
+
+def test_client_batches_stored_by_api(client, api_state):
+    # The client's payload, base64 float32 inputs included, goes through the real API and is stored as sent.
+    def forward(request: httpx.Request) -> httpx.Response:
+        answer = client.request(request.method, request.url.path, content=request.content, headers=dict(request.headers))
+        return httpx.Response(answer.status_code, content=answer.content, headers=answer.headers)
+
+    values = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    sender = PoisonwatchClient("http://poisonwatch.test", MODEL, transport=httpx.MockTransport(forward), flush_interval_seconds=0.05)
+    for index in range(3):
+        sender.log_prediction(f"c-{index}", predicted_class=1, probabilities=[0.05, 0.9, 0.05], input_data=values, input_shape=INPUT_SHAPE)
+    assert sender.close()
+    assert sender.stats.sent == 3
+    with api_state.session_factory() as session:
+        stored = session.scalars(select(Prediction).order_by(Prediction.prediction_id)).all()
+    assert [row.prediction_id for row in stored] == ["c-0", "c-1", "c-2"]
+    assert {row.input_data for row in stored} == {np.asarray(values, dtype="<f4").tobytes()}
