@@ -148,7 +148,7 @@ def _run_in_slot(job: str, run: Callable[[JobContext], object], context: JobCont
     with context.session_factory.begin() as session:
         run_id = queries.start_job_run(session, job, scheduled_for=scheduled_for, runner=context.worker)
     if run_id is None:
-        logger.info("job %s: slot %s already ran on another replica; skipping", job, scheduled_for)
+        logger.info("job %s: slot %s already has a run (a replica or a restart of this process ran it); skipping", job, scheduled_for)
         return JobSkipped.SLOT_TAKEN
 
     started = time.perf_counter()
@@ -199,21 +199,24 @@ def analyze_incidents(context: JobContext, *, limit: int | None = None) -> int:
         if context.stopping.is_set():
             logger.info("stopping: leaving the remaining open incidents for the next scheduler")
             return analyzed
+        claim = queries.new_claim(context.worker)
         with context.session_factory.begin() as session:
-            incident = queries.claim_next_incident(session, worker=context.worker)
+            incident = queries.claim_next_incident(session, worker=claim)
             if incident is None:
                 return analyzed
             incident_id = incident.id
-        analyze_incident(context, incident_id)
+        analyze_incident(context, incident_id, claim)
         analyzed += 1
     return analyzed
 
 
-def analyze_incident(context: JobContext, incident_id: int) -> None:
+def analyze_incident(context: JobContext, incident_id: int, claim: str) -> None:
     """Rank the training examples of one claimed incident by influence and store the top k.
 
-    An exception from the computation is stored on the incident as its failure
-    reason instead of raised, so one bad incident does not stop the others.
+    ``claim`` is the claim id the incident was claimed with. The result is
+    stored only while that claim holds. An exception from the computation is
+    stored on the incident as its failure reason instead of raised, so one
+    bad incident does not stop the others.
     """
     with context.session_factory() as session:
         incident = queries.get_incident(session, incident_id)
@@ -224,7 +227,7 @@ def analyze_incident(context: JobContext, incident_id: int) -> None:
 
     bundle = context.registry.bundle_for(version)
     if bundle is None:
-        _fail(context, incident_id, version.model, f"model {version.model} version {version.version} is not the loaded version")
+        _fail(context, incident_id, claim, version.model, f"model {version.model} version {version.version} is not the loaded version")
         return
 
     settings = context.config.influence
@@ -253,11 +256,11 @@ def analyze_incident(context: JobContext, incident_id: int) -> None:
         rank_scores = ranking.normalize_scores(report.scores, settings.score, gradient_norms=checks.gradient_norms)
         sources = ranking.aggregate_by_source(report.scores, bundle.train.sources)
     except FloatingPointError as error:
-        _fail(context, incident_id, version.model, f"influence produced non-finite values: {error}")
+        _fail(context, incident_id, claim, version.model, f"influence produced non-finite values: {error}")
         return
     except Exception as error:  # noqa: BLE001 - the job boundary: store the reason, keep going
         logger.exception("influence analysis of incident %d failed", incident_id)
-        _fail(context, incident_id, version.model, f"influence analysis raised {type(error).__name__}: {error}")
+        _fail(context, incident_id, claim, version.model, f"influence analysis raised {type(error).__name__}: {error}")
         return
     seconds = time.perf_counter() - started
 
@@ -268,7 +271,7 @@ def analyze_incident(context: JobContext, incident_id: int) -> None:
         stored = queries.store_analysis(
             session,
             incident,
-            worker=context.worker,
+            worker=claim,
             suspects=[(examples[int(row)].id, float(report.scores[row]), float(rank_scores[row])) for row in top],
             iterations=report.iterations,
             residual=report.residual,
@@ -301,12 +304,12 @@ def analyze_incident(context: JobContext, incident_id: int) -> None:
     logger.info("analyzed incident %d in %.2f s", incident_id, seconds)
 
 
-def _fail(context: JobContext, incident_id: int, model: str, reason: str) -> None:
+def _fail(context: JobContext, incident_id: int, claim: str, model: str, reason: str) -> None:
     logger.error("incident %d analysis failed: %s", incident_id, reason)
     if model in context.metrics.model_names:
         context.metrics.influence_failures.labels(model=model).inc()
     with context.session_factory.begin() as session:
-        if not queries.mark_failed(session, incident_id, reason, worker=context.worker):
+        if not queries.mark_failed(session, incident_id, reason, worker=claim):
             logger.warning("incident %d: claim released or incident resolved; failure not stored", incident_id)
 
 

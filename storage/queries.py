@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import secrets
 import enum
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import Row, String, and_, any_, bindparam, delete, exists, func, select, update
+from sqlalchemy import Row, String, and_, any_, bindparam, delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
@@ -333,6 +334,16 @@ def open_misclassification_incidents(session: Session, *, confidence_threshold: 
     return incidents
 
 
+def new_claim(worker: str) -> str:
+    """Return a claim id for one analysis by ``worker``: the worker's name, a slash and a random suffix.
+
+    A claim id names one claim, not the process. A process that loses the
+    scheduler lock and wins it back claims anew, so a result of its earlier
+    claim that is still being computed cannot be stored under the new one.
+    """
+    return f"{worker}/{secrets.token_hex(8)}"
+
+
 def claim_next_incident(session: Session, *, worker: str) -> Incident | None:
     """Move the oldest open incident to ``analyzing`` for ``worker`` and return it.
 
@@ -460,11 +471,15 @@ def release_claims(session: Session, *, worker: str | None = None) -> int:
     """Return ``analyzing`` incidents to ``open``: every one, or only those ``worker`` claimed.
 
     A new scheduler leader releases every claim, because only the leader
-    analyzes; a leader that shuts down releases its own.
+    analyzes; a leader that shuts down releases its own. The claims of
+    ``worker`` are those with its name itself as claim id and those with a
+    claim id from :func:`new_claim`.
     """
     query = update(Incident).where(Incident.state == IncidentState.ANALYZING)
     if worker is not None:
-        query = query.where(Incident.claimed_by == worker)
+        query = query.where(
+            or_(Incident.claimed_by == worker, Incident.claimed_by.startswith(f"{worker}/", autoescape=True))
+        )
     result = session.execute(query.values(state=IncidentState.OPEN, claimed_by=None, updated_at=utcnow()))
     return result.rowcount
 

@@ -231,3 +231,46 @@ def test_masked_url_hides_password():
     masked = masked_url("postgresql+psycopg://user:s3cret@db.internal:5432/poisonwatch")
     assert "s3cret" not in masked
     assert "user:***@db.internal" in masked
+
+
+def test_stale_claim_stores_nothing(session_factory):
+    # A process that loses the scheduler lock and wins it back claims the
+    # incident anew; the analysis of its first claim must not be stored.
+    version_id = seed_labelled(session_factory, [("p", 1, 0.95, 2)])
+    first_claim, second_claim = queries.new_claim("host:1"), queries.new_claim("host:1")
+    with session_factory.begin() as session:
+        queries.open_misclassification_incidents(session, confidence_threshold=0.9)
+        incident_id = queries.claim_next_incident(session, worker=first_claim).id
+    with session_factory.begin() as session:
+        queries.release_claims(session)
+        queries.claim_next_incident(session, worker=second_claim)
+    analysis = {"iterations": 1, "residual": 0.0, "converged": True, "negative_curvature": False, "damping": 0.01, "seconds": 0.1}
+    with session_factory.begin() as session:
+        example = queries.training_examples_by_row(session, version_id, [1])[1]
+        incident = queries.get_incident(session, incident_id)
+        stale = queries.store_analysis(session, incident, worker=first_claim, suspects=[(example.id, -1.0)], **analysis)
+        stale_failure = queries.mark_failed(session, incident_id, "stale", worker=first_claim)
+    with session_factory.begin() as session:
+        incident = queries.get_incident(session, incident_id)
+        current = queries.store_analysis(session, incident, worker=second_claim, suspects=[(example.id, -1.0)], **analysis)
+    assert first_claim != second_claim
+    assert first_claim.startswith("host:1/")
+    assert stale is False
+    assert stale_failure is False
+    assert current is True
+
+
+def test_release_own_claims_matches_claim_ids(session_factory):
+    seed_labelled(session_factory, [("p", 1, 0.95, 2), ("q", 0, 0.99, 1)])
+    with session_factory.begin() as session:
+        queries.open_misclassification_incidents(session, confidence_threshold=0.9)
+        queries.claim_next_incident(session, worker=queries.new_claim("host:1"))
+        queries.claim_next_incident(session, worker=queries.new_claim("host:12"))
+    with session_factory.begin() as session:
+        released = queries.release_claims(session, worker="host:1")
+    with session_factory() as session:
+        states = sorted((incident.state.value, incident.claimed_by or "") for incident in session.scalars(select(Incident)))
+    assert released == 1
+    assert states[0] == ("analyzing", states[0][1])
+    assert states[0][1].startswith("host:12/")
+    assert states[1] == ("open", "")
