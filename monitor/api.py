@@ -372,7 +372,7 @@ def _inputs_to_float32(inputs: Sequence[schemas.InputArray]) -> _Float32Arrays:
             decoded = binascii.a2b_base64(array.data_base64, strict_mode=True)
         except binascii.Error as error:
             data.append(None)
-            errors[index] = f"not valid base64 ({error})"
+            errors[index] = f"not valid base64: {error}; use the standard alphabet (A-Z, a-z, 0-9, '+', '/') with '=' padding"
             continue
         if len(decoded) != 4 * array.size:
             data.append(None)
@@ -571,7 +571,12 @@ def create_app(state: ApiState) -> FastAPI:
             )
         if not input_finite:
             problem = "values overflow float32" if item.input.data is not None else "values are not finite"
-            raise ApiError(422, RejectReason.INVALID_FIELD, f"{input_field}: {problem}")
+            raise ApiError(
+                422,
+                RejectReason.INVALID_FIELD,
+                f"{input_field}: {problem}",
+                [schemas.FieldError(field=input_field, message=problem)],
+            )
 
     def prediction_rows(
         session: Session, model: str, items: Sequence[schemas.PredictionIn], inputs: _Float32Arrays, probabilities: _Float32Arrays

@@ -23,12 +23,16 @@ import enum
 import logging
 import math
 import random
+import re
 import struct
 import threading
 import time
 from collections.abc import Sequence
 
 import httpx
+
+# The server's tolerance for probabilities that do not sum to 1 exactly (monitor.schemas).
+PROBABILITY_SUM_TOLERANCE = 1e-3
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +125,21 @@ class PoisonwatchClient:
         """Queue one prediction; returns at once. ``timestamp`` defaults to now (UTC).
 
         The input is sent as base64 float32 bytes, which the server decodes
-        far faster than JSON numbers. A value that is not finite, or beyond
-        the float32 range, raises :class:`ValueError` here instead of getting
-        the whole batch rejected later.
+        far faster than JSON numbers. An array of any shape is flattened in
+        C order.
+
+        Raises:
+            ValueError: for anything the server would reject, so that one bad
+                prediction does not get its whole batch rejected later. That
+                is an input value count that does not match ``input_shape``,
+                an input value that is not finite or beyond the float32
+                range, and neither ``probabilities`` nor ``confidence``. It
+                is also a probability or confidence outside [0, 1] or not
+                finite, probabilities that do not sum to 1 within 0.001, and
+                a negative ``predicted_class`` or one without a probability.
         """
         shape = [int(size) for size in input_shape]
+        probabilities = _checked_probabilities(probabilities, confidence, int(predicted_class))
         item = {
             "prediction_id": prediction_id,
             "predicted_class": int(predicted_class),
@@ -133,7 +147,7 @@ class PoisonwatchClient:
             "timestamp": (timestamp or dt.datetime.now(dt.UTC)).isoformat(),
         }
         if probabilities is not None:
-            item["probabilities"] = [float(value) for value in probabilities]
+            item["probabilities"] = probabilities
         if confidence is not None:
             item["confidence"] = float(confidence)
         if model_version is not None:
@@ -207,7 +221,11 @@ class PoisonwatchClient:
                         batches.append((kind, items))
                 self._in_flight = sum(len(items) for _, items in batches)
             for kind, items in batches:
-                self._send(kind, items)
+                try:
+                    self._send(kind, items)
+                except Exception:  # noqa: BLE001 - the sender thread must outlive one bad batch
+                    self.stats.dropped_rejected += len(items)
+                    logger.exception("poisonwatch client dropped a batch of %d %s it could not send", len(items), kind.value)
             with self._condition:
                 self._in_flight = 0
                 self._condition.notify_all()
@@ -232,10 +250,11 @@ class PoisonwatchClient:
                 if response.status_code not in RETRYABLE_STATUS:
                     self.stats.dropped_rejected += len(items)
                     logger.error(
-                        "poisonwatch rejected a batch of %d %s with %d: %s",
+                        "poisonwatch rejected a batch of %d %s with %d%s: %s",
                         len(items),
                         kind.value,
                         response.status_code,
+                        _named_item(response.text, items),
                         response.text[:500],
                     )
                     return
@@ -260,9 +279,41 @@ class PoisonwatchClient:
             queue.extendleft(reversed(kept))
 
 
+def _checked_probabilities(probabilities: Sequence[float] | None, confidence: float | None, predicted_class: int) -> list[float] | None:
+    """Check a prediction's probabilities and confidence as the server does, and return the probabilities as floats."""
+    if predicted_class < 0:
+        raise ValueError(f"predicted_class must be >= 0, got {predicted_class}")
+    if confidence is not None and not 0.0 <= float(confidence) <= 1.0:
+        raise ValueError(f"confidence must be a finite number in [0, 1], got {confidence}")
+    if probabilities is None:
+        if confidence is None:
+            raise ValueError("give probabilities or confidence; both are missing")
+        return None
+    values = [float(value) for value in _flat(probabilities)]
+    if not all(0.0 <= value <= 1.0 for value in values):
+        raise ValueError("probabilities must be finite numbers in [0, 1]")
+    # The plain sum, as the server computes it, so both agree at the tolerance's edge.
+    total = sum(values)
+    if abs(total - 1.0) > PROBABILITY_SUM_TOLERANCE:
+        raise ValueError(f"probabilities sum to {total:.6g}, expected 1 within {PROBABILITY_SUM_TOLERANCE}")
+    if predicted_class >= len(values):
+        raise ValueError(f"predicted_class {predicted_class} is out of range for {len(values)} probabilities")
+    implied = values[predicted_class]
+    if confidence is not None and abs(float(confidence) - implied) > PROBABILITY_SUM_TOLERANCE:
+        raise ValueError(f"confidence {confidence} differs from probabilities[{predicted_class}] = {implied}")
+    return values
+
+
+def _flat(values):
+    # NumPy and JAX arrays of any shape, in C order; other sequences as they are.
+    if hasattr(values, "ravel"):
+        return values.ravel()
+    return values
+
+
 def _float32_base64(values: Sequence[float], shape: Sequence[int]) -> str:
     """Encode ``values`` as little-endian float32 bytes in standard base64, checking them against ``shape``."""
-    values = [float(value) for value in values]
+    values = [float(value) for value in _flat(values)]
     if len(values) != math.prod(shape):
         raise ValueError(f"input_data has {len(values)} values, expected {math.prod(shape)} for input_shape {list(shape)}")
     if not all(map(math.isfinite, values)):
@@ -272,6 +323,14 @@ def _float32_base64(values: Sequence[float], shape: Sequence[int]) -> str:
     except OverflowError:
         raise ValueError("input_data: a value is beyond the float32 range") from None
     return base64.b64encode(packed).decode("ascii")
+
+
+def _named_item(text: str, items: list[dict]) -> str:
+    """Return ", first invalid prediction_id ID" for an error that starts with ``predictions[N]`` or ``labels[N]``, else ""."""
+    match = re.match(r'\{"detail":"(?:predictions|labels)\[(\d+)\]', text)
+    if match is None or int(match.group(1)) >= len(items):
+        return ""
+    return f", first invalid prediction_id {items[int(match.group(1))].get('prediction_id')!r}"
 
 
 def _retry_after_seconds(response: httpx.Response) -> float:

@@ -32,13 +32,17 @@ class DatabaseNotMigratedError(PoisonwatchError):
         self.expected = expected
         self.location = location
         if location is not None:
-            found = f"database file {location} not found"
+            message = (
+                f"database file {location} not found (relative SQLite paths are relative to the current directory):"
+                " check that --config names your configuration and that you run from its directory;"
+                " for a new database, run 'poisonwatch db upgrade --config FILE' first"
+            )
         else:
-            found = f"database schema is at revision {current or 'none (empty database)'}, expected {expected}"
-        super().__init__(
-            f"{found}: run 'poisonwatch db upgrade --config FILE' first "
-            "(relative SQLite paths are relative to the current directory)"
-        )
+            message = (
+                f"database schema is at revision {current or 'none (empty database)'}, expected {expected}:"
+                " run 'poisonwatch db upgrade --config FILE' first"
+            )
+        super().__init__(message)
 
 
 class UnknownModelError(PoisonwatchError):

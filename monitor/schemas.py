@@ -50,7 +50,8 @@ class InputArray(_Body):
         if self.data_base64 is not None and len(self.data_base64) != base64_length(4 * expected):
             raise ValueError(
                 f"data_base64 has {len(self.data_base64)} characters, expected {base64_length(4 * expected)}"
-                f" for {expected} float32 values (shape {self.shape})"
+                f" for {expected} float32 values (shape {self.shape}): encode 4 bytes per value (float32,"
+                " not float64) in standard base64 with '=' padding and no line breaks"
             )
         return self
 

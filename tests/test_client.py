@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -131,6 +132,73 @@ def test_client_rejects_bad_input_at_once(input_data, message):
     log(client, 2)
     assert client.close()
     assert server.ids("predictions") == ["p-0", "p-1"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        pytest.param({"probabilities": [float("nan"), 0.9, 0.1]}, "finite numbers in", id="nan-probability"),
+        pytest.param({"probabilities": [0.2, 0.2, 0.2]}, "sum to 0.6", id="not-normalized"),
+        pytest.param({"probabilities": None, "confidence": float("inf")}, "confidence must be", id="infinite-confidence"),
+        pytest.param({"probabilities": None, "confidence": 2.0}, "confidence must be", id="confidence-above-one"),
+        pytest.param({"probabilities": None}, "give probabilities or confidence", id="neither"),
+        pytest.param({"predicted_class": 3}, "out of range for 3 probabilities", id="class-out-of-range"),
+        pytest.param({"predicted_class": -1}, "must be >= 0", id="negative-class"),
+        pytest.param({"confidence": 0.5}, "differs from probabilities", id="confidence-disagrees"),
+    ],
+)
+def test_client_rejects_bad_probabilities_at_once(fields, message):
+    server = FakeServer()
+    client = make_client(server)
+    arguments = {"predicted_class": 1, "probabilities": [0.1, 0.8, 0.1], "input_data": [0.0] * 4, "input_shape": [2, 2]}
+    with pytest.raises(ValueError, match=message):
+        client.log_prediction("bad", **(arguments | fields))
+    log(client, 2)
+    assert client.close()
+    assert server.ids("predictions") == ["p-0", "p-1"]
+
+
+def test_client_flattens_arrays():
+    server = FakeServer()
+    client = make_client(server)
+    client.log_prediction("grid", predicted_class=1, probabilities=np.array([0.1, 0.8, 0.1]),
+                          input_data=np.arange(4, dtype=np.float32).reshape(2, 2), input_shape=[2, 2])
+    assert client.close()
+    sent = server.batches[0][1][0]
+    assert np.frombuffer(base64.b64decode(sent["input"]["data_base64"]), dtype="<f4").tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_client_survives_unsendable_batch(monkeypatch):
+    # An error while sending one batch drops that batch only; the sender thread goes on.
+    server = FakeServer()
+    client = make_client(server)
+    real_send = client._send
+    failures = iter([RuntimeError("encoder broke")])
+
+    def flaky_send(kind, items):
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        real_send(kind, items)
+
+    monkeypatch.setattr(client, "_send", flaky_send)
+    log(client, 4, prefix="lost")
+    assert client.flush(5)
+    log(client, 3, prefix="kept")
+    assert client.close()
+    assert server.ids("predictions") == ["kept-0", "kept-1", "kept-2"]
+    assert client.stats.dropped_rejected == 4
+
+
+def test_client_log_names_rejected_item(caplog):
+    class RejectingServer(FakeServer):
+        def __call__(self, request):
+            return httpx.Response(422, json={"detail": "predictions[1].input.shape: got [3], expected [2, 2]"})
+
+    client = make_client(RejectingServer())
+    log(client, 2)
+    assert client.close()
+    assert "first invalid prediction_id 'p-1'" in caplog.text
 
 
 def test_client_batches_stored_by_api(client, api_state):
