@@ -85,7 +85,8 @@ def train_adam(apply, params, x, y, *, l2: float, steps: int, learning_rate: flo
     return _train_adam(apply, params, jnp.asarray(x), jnp.asarray(y), l2, steps, learning_rate)
 
 
-def _train_adam_impl(apply, params, x, y, l2, steps, learning_rate):
+def _adam_step(apply, x, y, l2, learning_rate):
+    """Build Adam and one full-batch step on mean cross-entropy + (l2/2)·||θ||², for ``lax.scan``."""
     optimizer = optax.adam(learning_rate)
 
     def objective(p):
@@ -97,11 +98,42 @@ def _train_adam_impl(apply, params, x, y, l2, steps, learning_rate):
         updates, state = optimizer.update(jax.grad(objective)(p), state, p)
         return (optax.apply_updates(p, updates), state), None
 
+    return optimizer, step
+
+
+def _train_adam_impl(apply, params, x, y, l2, steps, learning_rate):
+    optimizer, step = _adam_step(apply, x, y, l2, learning_rate)
     (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), None, length=steps)
     return params
 
 
 _train_adam = jax.jit(_train_adam_impl, static_argnums=(0, 5))
+
+
+def train_adam_checkpoints(apply, params, x, y, *, l2: float, steps: int, every: int, learning_rate: float = 1e-2):
+    """Train as :func:`train_adam` does and also return the parameters after every ``every`` steps.
+
+    Returns ``(final, checkpoints)``, where ``checkpoints`` stacks the
+    ``steps // every`` saved parameter pytrees along a new first axis. The
+    last checkpoint is the final parameters when ``every`` divides ``steps``.
+    """
+    if steps % every:
+        raise ValueError(f"every={every} must divide steps={steps}")
+    return _train_adam_checkpoints(apply, params, jnp.asarray(x), jnp.asarray(y), l2, steps, every, learning_rate)
+
+
+def _train_adam_checkpoints_impl(apply, params, x, y, l2, steps, every, learning_rate):
+    optimizer, step = _adam_step(apply, x, y, l2, learning_rate)
+
+    def stretch(carry, _):
+        carry, _ = jax.lax.scan(step, carry, None, length=every)
+        return carry, carry[0]
+
+    (final, _), checkpoints = jax.lax.scan(stretch, (params, optimizer.init(params)), None, length=steps // every)
+    return final, checkpoints
+
+
+_train_adam_checkpoints = jax.jit(_train_adam_checkpoints_impl, static_argnums=(0, 5, 6))
 
 
 def machine() -> dict:

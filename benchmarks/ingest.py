@@ -248,7 +248,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=500, help="predictions per request and per raw insert")
     parser.add_argument("--batches", type=int, default=21, help="batches per measurement; the first is a warm-up")
-    parser.add_argument("--rounds", type=int, default=3, help="measurements per path; the median is reported")
+    parser.add_argument("--rounds", type=int, default=5, help="measurements per path; the median is reported")
     parser.add_argument("--postgres-url", default=os.environ.get("POISONWATCH_BENCH_POSTGRES_URL"),
                         help="PostgreSQL database to empty and use; PostgreSQL is skipped without it")
     parser.add_argument("--serve", nargs=2, metavar=("URL", "PORT"), help=argparse.SUPPRESS)

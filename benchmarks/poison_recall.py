@@ -30,9 +30,11 @@ Three options investigate gradient matching. ``--candidates`` ranks every
 successful attack by further candidate scores side by side (Gauss-Newton
 Hessian, damping 0.1 and 1, the plain gradient direction, the loss of the
 predicted class, the margin of the true over the predicted class, influence
-over the last layer). ``--leave-one-out`` retrains without each
+over the last layer, and the gradient similarity summed over 10 checkpoints
+of the victim's training, TracIn). ``--leave-one-out`` retrains without each
 gradient-matching poison, and without 10 clean rows for scale, to find the
-poisons that actually moved the target. ``--random-control`` retrains with
+poisons that actually moved the target, and then retrains with only those
+poisons and with only the others. ``--random-control`` retrains with
 the bases perturbed at random within the same budget.
 
     .venv/bin/python benchmarks/poison_recall.py            # 10 seeds, about 15 minutes on 2 cores
@@ -84,6 +86,8 @@ FACTOR_RANK = 128
 POISON_SOURCE = "partner-upload"
 MATCHING_POISONS = 20
 MATCHING_EPSILON = 0.3
+# Checkpoints of the victim's training that the ``checkpoints`` candidate sums over.
+CHECKPOINTS = 10
 SETTINGS = {
     "digits": {"hidden": 32, "steps": 1500},
     "mnist": {"hidden": 64, "steps": 800},
@@ -91,12 +95,36 @@ SETTINGS = {
 
 
 def make_trainers(hidden, steps, seed, inputs):
+    """Return the victim's full training, and the same training that also returns its checkpoints."""
     start = _common.init_mlp(inputs, hidden, seed)
 
     def train_full(x, y):
         return _common.train_adam(_common.mlp_apply, start, x, y, l2=L2, steps=steps)
 
-    return train_full
+    def train_with_checkpoints(x, y):
+        every = steps // CHECKPOINTS
+        return _common.train_adam_checkpoints(_common.mlp_apply, start, x, y, l2=L2, steps=steps, every=every)[1]
+
+    return train_full, train_with_checkpoints
+
+
+def checkpoint_similarity(loss, checkpoints, x, y, target_x, true_label):
+    """Sum, over training checkpoints, each example's gradient projected on the target's true-label gradient.
+
+    This is TracIn (Pruthi et al., 2020, "Estimating Training Data Influence
+    by Tracing Gradient Descent") with each checkpoint's training gradients
+    divided by their norms, as ``gradient-norm`` divides influence. A poison
+    that pushed the target towards the attacker's class at any point of the
+    training scores negative, even if the final model fits it so well that
+    its final gradient is small.
+    """
+    total = np.zeros(len(y))
+    for index in range(CHECKPOINTS):
+        params = jax.tree.map(lambda leaf: leaf[index], checkpoints)
+        gradient = incident_gradient(loss, params, target_x, true_label)
+        scores = score_training_examples(loss, params, gradient, x, y)
+        total += scores / (example_gradient_norms(loss, params, x, y) + 1e-12)
+    return total
 
 
 def make_last_layer_trainer(clean_params, steps):
@@ -180,6 +208,8 @@ def candidate_scores(view, raw_true, normalisers):
         "margin": divide(raw_true + raw_predicted),
         "relative-margin": divide(raw_true + raw_predicted, ScoreKind.RELATIVE),
     }
+    if view["checkpoints"] is not None:
+        candidates["checkpoints"] = checkpoint_similarity(loss, view["checkpoints"], x, y, target_x, true_label)
     if view["keep"] is None:
         subset = restrict_to_subset(loss, params, lambda path: "2" in path)
         head_norms = example_gradient_norms(subset.loss, subset.params, x, y)
@@ -203,7 +233,7 @@ def run_seed(dataset, seed, candidates=False, leave_one_out=False, random_contro
     load = _common.digits if dataset == "digits" else _common.mnist_subset
     train_x, train_y, test_x, test_y = load(seed)
     settings = SETTINGS[dataset]
-    train_full = make_trainers(settings["hidden"], settings["steps"], seed, train_x.shape[1])
+    train_full, train_with_checkpoints = make_trainers(settings["hidden"], settings["steps"], seed, train_x.shape[1])
     clean = train_full(train_x, train_y)
     rng = np.random.default_rng(seed)
     index, attacker = pick_target(clean, test_x, test_y, rng)
@@ -249,13 +279,16 @@ def run_seed(dataset, seed, candidates=False, leave_one_out=False, random_contro
             if candidates:
                 view = {"loss": loss, "params": params, "apply": apply, "keep": keep, "x": outcome.poisoned_x,
                         "y": outcome.poisoned_y, "target_x": target, "true_label": true_label,
-                        "predicted": outcome.target_prediction}
+                        "predicted": outcome.target_prediction,
+                        # The feature-collision victim trains only the last layer, so only full trainings have checkpoints.
+                        "checkpoints": train_with_checkpoints(outcome.poisoned_x, outcome.poisoned_y) if keep is None else None}
                 for name, scores in candidate_scores(view, raw, normalisers).items():
                     entry.update(recall_figures(name, scores, outcome.poison_indices))
             if leave_one_out and attack == "gradient-matching":
                 entry.update(poison_removal_effects(train_full, outcome, target, true_label, raw, rng))
                 beyond_clean = np.asarray(entry["removal_effects"]) < -entry["clean_removal_max_effect"]
                 helping = outcome.poison_indices[beyond_clean]
+                entry.update(partial_attack_flips(train_full, outcome, train_x, target, attacker, helping))
                 if len(helping):
                     scores = normalize_scores(raw, ScoreKind.GRADIENT_NORM, **normalisers)
                     entry["helping_recall@20"] = float(np.isin(top_k(scores, 20), helping).sum() / len(helping))
@@ -326,12 +359,40 @@ def poison_removal_effects(train_full, outcome, target_x, true_label, raw, rng):
     }
 
 
+def partial_attack_flips(train_full, outcome, train_x, target_x, attacker, active_rows):
+    """Retrain with only the active poisons, then with only the others, and report whether each flips the target.
+
+    The poisons left out are restored to their clean bases (a clean-label
+    attack replaces its bases in place), so the training set keeps its size.
+    If the active poisons alone flip the target and the others alone do not,
+    the others are inert: the attack does not need them.
+    """
+    def flips(kept_rows):
+        restored = np.setdiff1d(outcome.poison_indices, kept_rows)
+        x = outcome.poisoned_x.copy()
+        x[restored] = train_x[restored]
+        params = train_full(x, outcome.poisoned_y)
+        probabilities = np.asarray(jax.nn.softmax(_common.mlp_apply(params, jnp.asarray(target_x)[None])[0]))
+        return bool(probabilities.argmax() == attacker and probabilities[attacker] >= 0.5), float(probabilities[attacker])
+
+    inert_rows = np.setdiff1d(outcome.poison_indices, active_rows)
+    active_flip, active_confidence = flips(active_rows)
+    inert_flip, inert_confidence = flips(inert_rows)
+    return {
+        "active_only_flips": active_flip,
+        "active_only_confidence": active_confidence,
+        "inert_only_flips": inert_flip,
+        "inert_only_confidence": inert_confidence,
+    }
+
+
 def _apply_subset(merge, subset_params, x):
     return _common.mlp_apply(merge(subset_params), x)
 
 
 SUMMARISED = ("source_first", "median_poison_rank", "intruders_attacker_class", "poisons_lowering_loss",
-              "poisons_beyond_clean", "clean_removal_max_effect", "removal_pearson")
+              "poisons_beyond_clean", "clean_removal_max_effect", "removal_pearson", "active_only_flips",
+              "active_only_confidence", "inert_only_flips", "inert_only_confidence", "target_confidence")
 
 
 def summarise(runs):
@@ -358,7 +419,7 @@ def summarise(runs):
 
 
 CANDIDATES = ["gauss-newton", "damping-0.1", "damping-1", "gradient-cosine", "predicted-label", "margin",
-              "relative-margin", "last-layer"]
+              "relative-margin", "last-layer", "checkpoints"]
 
 
 def print_table(summary, names):
@@ -375,7 +436,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10, help="seeds per data set (default 10)")
     parser.add_argument("--candidates", action="store_true",
                         help="also rank by the candidate scores (Gauss-Newton, more damping, predicted-label "
-                             "and margin views, last layer) and print their recall in a second table")
+                             "and margin views, last layer, training checkpoints) and print their recall in a second table")
     parser.add_argument("--datasets", nargs="+", choices=sorted(SETTINGS), default=None,
                         help="data sets to run (default: digits with --quick, otherwise digits and mnist)")
     parser.add_argument("--leave-one-out", action="store_true",
@@ -418,6 +479,10 @@ def main() -> None:
                       f"removal (max {row['clean_removal_max_effect']:.3f}); predicted vs actual Pearson "
                       f"{row['removal_pearson']:.2f}; gradient-norm finds "
                       f"{row.get('helping_recall@20', float('nan')):.2f} of those beyond clean in its top 20")
+                print(f"{name}: with only those poisons perturbed the target flips in {row['active_only_flips']:.2f} "
+                      f"of the attacks (mean attacker-class probability {row['active_only_confidence']:.2f}, "
+                      f"{row['target_confidence']:.2f} with all 20); with only the others, in "
+                      f"{row['inert_only_flips']:.2f} (probability {row['inert_only_confidence']:.2f})")
     if args.candidates:
         print_table(summary, CANDIDATES)
     _common.print_json({
