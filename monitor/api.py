@@ -381,10 +381,13 @@ def _inputs_to_float32(inputs: Sequence[schemas.InputArray]) -> _Float32Arrays:
         data.append(decoded)
         decoded_at.append(index)
     if decoded_at:
-        decoded_values = np.frombuffer(b"".join(data[index] for index in decoded_at), dtype="<f4")
-        decoded = _split_float32(decoded_values, [inputs[index].size for index in decoded_at])
-        for index, is_finite in zip(decoded_at, decoded.finite):
-            finite[index] = is_finite
+        # One finiteness check over every decoded value; per array only when some value is not finite.
+        finite_values = np.isfinite(np.frombuffer(b"".join(data[index] for index in decoded_at), dtype="<f4"))
+        if not finite_values.all():
+            lengths = [inputs[index].size for index in decoded_at]
+            starts = list(itertools.accumulate([0, *lengths[:-1]]))
+            for index, is_finite in zip(decoded_at, np.logical_and.reduceat(finite_values, starts).tolist()):
+                finite[index] = is_finite
     return _Float32Arrays(data=data, finite=finite, errors=errors)
 
 
@@ -405,6 +408,11 @@ class _TargetVersion:
     @functools.cached_property
     def shape_text(self) -> str:
         return json.dumps(self.input_shape)
+
+
+def _input_field(index: int, item: schemas.PredictionIn) -> str:
+    """Name the field that carries the values of item ``index``'s input, as error messages spell it."""
+    return f"predictions[{index}].input.data" if item.input.data is not None else f"predictions[{index}].input.data_base64"
 
 
 def _content_digest(
@@ -435,11 +443,9 @@ def _content_digest(
     header = (
         f"{version.digest_prefix}{item.predicted_class!r}, {confidence}, {version.shape_text}, {timestamp}, {given}]"
     )
-    digest = hashlib.sha256(header.encode())
-    if probabilities is not None:
-        digest.update(probabilities)
-    digest.update(input_data)
-    return digest.hexdigest()
+    if probabilities is None:
+        return hashlib.sha256(header.encode() + input_data).hexdigest()
+    return hashlib.sha256(header.encode() + probabilities + input_data).hexdigest()
 
 
 def create_app(state: ApiState) -> FastAPI:
@@ -533,49 +539,54 @@ def create_app(state: ApiState) -> FastAPI:
     def check_prediction(
         index: int, item: schemas.PredictionIn, version: _TargetVersion, input_finite: bool, input_error: str | None
     ) -> None:
-        field = f"predictions[{index}]"
+        # Field names are built only for an error: this runs for every item of every batch.
         if item.input.shape != version.input_shape:
+            field = f"predictions[{index}].input.shape"
             raise ApiError(
                 422,
                 RejectReason.WRONG_SHAPE,
-                f"{field}.input.shape: got {item.input.shape}, expected {version.input_shape} for model version {version.name}",
-                [schemas.FieldError(field=f"{field}.input.shape", message=f"expected {version.input_shape}")],
+                f"{field}: got {item.input.shape}, expected {version.input_shape} for model version {version.name}",
+                [schemas.FieldError(field=field, message=f"expected {version.input_shape}")],
             )
-        input_field = f"{field}.input.data" if item.input.data is not None else f"{field}.input.data_base64"
         if item.input.size > state.config.server.max_input_values:
             raise ApiError(
                 422,
                 RejectReason.INVALID_FIELD,
-                f"{input_field}: {item.input.size} values, at most {state.config.server.max_input_values} allowed",
+                f"{_input_field(index, item)}: {item.input.size} values,"
+                f" at most {state.config.server.max_input_values} allowed",
             )
         if item.predicted_class >= version.num_classes:
+            field = f"predictions[{index}].predicted_class"
             raise ApiError(
                 422,
                 RejectReason.INVALID_FIELD,
-                f"{field}.predicted_class: {item.predicted_class} is out of range for {version.num_classes} classes",
-                [schemas.FieldError(field=f"{field}.predicted_class", message=f"must be < {version.num_classes}")],
+                f"{field}: {item.predicted_class} is out of range for {version.num_classes} classes",
+                [schemas.FieldError(field=field, message=f"must be < {version.num_classes}")],
             )
         if item.probabilities is not None and len(item.probabilities) != version.num_classes:
+            field = f"predictions[{index}].probabilities"
             raise ApiError(
                 422,
                 RejectReason.INVALID_FIELD,
-                f"{field}.probabilities: {len(item.probabilities)} values, expected {version.num_classes}",
-                [schemas.FieldError(field=f"{field}.probabilities", message=f"expected {version.num_classes} values")],
+                f"{field}: {len(item.probabilities)} values, expected {version.num_classes}",
+                [schemas.FieldError(field=field, message=f"expected {version.num_classes} values")],
             )
         if input_error is not None:
+            field = _input_field(index, item)
             raise ApiError(
                 422,
                 RejectReason.INVALID_FIELD,
-                f"{input_field}: {input_error}",
-                [schemas.FieldError(field=input_field, message=input_error)],
+                f"{field}: {input_error}",
+                [schemas.FieldError(field=field, message=input_error)],
             )
         if not input_finite:
+            field = _input_field(index, item)
             problem = "values overflow float32" if item.input.data is not None else "values are not finite"
             raise ApiError(
                 422,
                 RejectReason.INVALID_FIELD,
-                f"{input_field}: {problem}",
-                [schemas.FieldError(field=input_field, message=problem)],
+                f"{field}: {problem}",
+                [schemas.FieldError(field=field, message=problem)],
             )
 
     def prediction_rows(

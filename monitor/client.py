@@ -60,9 +60,13 @@ class PoisonwatchClient:
     """Sends predictions and labels to the poisonwatch API in batches from a background thread.
 
     Memory is bounded by ``max_queue`` items per kind: when a queue is full the
-    oldest item is dropped and counted in ``stats.dropped_queue_full``. A
-    batch the server rejects with a 4xx other than 408 or 429 is dropped
-    and logged, since resending it cannot succeed. Other failures are retried
+    oldest item is dropped and counted in ``stats.dropped_queue_full``. The
+    server stores a batch whole or not at all. When it rejects a batch with
+    a 422 that names one item, that item is dropped and logged, and the rest
+    of the batch is sent again. A batch rejected with any other 4xx except
+    408 and 429 is dropped whole and logged, since resending it cannot
+    succeed. Dropped items are counted in ``stats.dropped_rejected``, and
+    :meth:`flush` counts them as done. Other failures are retried
     up to ``max_retries`` times, waiting ``backoff_seconds * 2**attempt``
     (with jitter, at most ``max_backoff_seconds``, and at least the server's
     ``Retry-After``). After that the batch is put back at the head of the
@@ -234,6 +238,16 @@ class PoisonwatchClient:
                 return
 
     def _send(self, kind: Kind, items: list[dict]) -> None:
+        # Each pass drops the one item a 422 names, so a batch of n items takes at most n passes.
+        while items:
+            rejected = self._send_once(kind, items)
+            if rejected is None:
+                return
+            self.stats.dropped_rejected += 1
+            items = items[:rejected] + items[rejected + 1 :]
+
+    def _send_once(self, kind: Kind, items: list[dict]) -> int | None:
+        """Send one batch with retries; return the index of the one item a 422 names, or None when done with the batch."""
         path = f"/v1/models/{self.model}/{kind.value}"
         for attempt in range(self.max_retries + 1):
             retry_after = 0.0
@@ -246,18 +260,27 @@ class PoisonwatchClient:
                     result = response.json()
                     self.stats.sent += result.get("accepted", 0)
                     self.stats.duplicates += result.get("duplicates", 0)
-                    return
+                    return None
+                rejected = _rejected_index(response, kind, len(items))
+                if rejected is not None:
+                    logger.error(
+                        "poisonwatch rejected %s prediction_id %r; sending the other %d again: %s",
+                        kind.value,
+                        items[rejected].get("prediction_id"),
+                        len(items) - 1,
+                        response.text[:500],
+                    )
+                    return rejected
                 if response.status_code not in RETRYABLE_STATUS:
                     self.stats.dropped_rejected += len(items)
                     logger.error(
-                        "poisonwatch rejected a batch of %d %s with %d%s: %s",
+                        "poisonwatch rejected a batch of %d %s with %d: %s",
                         len(items),
                         kind.value,
                         response.status_code,
-                        _named_item(response.text, items),
                         response.text[:500],
                     )
-                    return
+                    return None
                 problem = f"HTTP {response.status_code}"
                 retry_after = _retry_after_seconds(response)
             if attempt == self.max_retries:
@@ -277,6 +300,7 @@ class PoisonwatchClient:
             kept = items[-room:] if room < len(items) else items
             self.stats.dropped_queue_full += len(items) - len(kept)
             queue.extendleft(reversed(kept))
+        return None
 
 
 def _checked_probabilities(probabilities: Sequence[float] | None, confidence: float | None, predicted_class: int) -> list[float] | None:
@@ -289,7 +313,10 @@ def _checked_probabilities(probabilities: Sequence[float] | None, confidence: fl
         if confidence is None:
             raise ValueError("give probabilities or confidence; both are missing")
         return None
-    values = [float(value) for value in _flat(probabilities)]
+    try:
+        values = [float(value) for value in _flat(probabilities)]
+    except (TypeError, ValueError):
+        raise ValueError("probabilities must be a flat sequence of numbers") from None
     if not all(0.0 <= value <= 1.0 for value in values):
         raise ValueError("probabilities must be finite numbers in [0, 1]")
     # The plain sum, as the server computes it, so both agree at the tolerance's edge.
@@ -313,7 +340,10 @@ def _flat(values):
 
 def _float32_base64(values: Sequence[float], shape: Sequence[int]) -> str:
     """Encode ``values`` as little-endian float32 bytes in standard base64, checking them against ``shape``."""
-    values = [float(value) for value in _flat(values)]
+    try:
+        values = [float(value) for value in _flat(values)]
+    except (TypeError, ValueError):
+        raise ValueError("input_data must be a flat sequence of numbers or an array of any shape") from None
     if len(values) != math.prod(shape):
         raise ValueError(f"input_data has {len(values)} values, expected {math.prod(shape)} for input_shape {list(shape)}")
     if not all(map(math.isfinite, values)):
@@ -325,12 +355,18 @@ def _float32_base64(values: Sequence[float], shape: Sequence[int]) -> str:
     return base64.b64encode(packed).decode("ascii")
 
 
-def _named_item(text: str, items: list[dict]) -> str:
-    """Return ", first invalid prediction_id ID" for an error that starts with ``predictions[N]`` or ``labels[N]``, else ""."""
-    match = re.match(r'\{"detail":"(?:predictions|labels)\[(\d+)\]', text)
-    if match is None or int(match.group(1)) >= len(items):
-        return ""
-    return f", first invalid prediction_id {items[int(match.group(1))].get('prediction_id')!r}"
+def _rejected_index(response: httpx.Response, kind: Kind, count: int) -> int | None:
+    """Return N when ``response`` is a 422 whose detail starts with ``predictions[N]`` (or ``labels[N]``), else None."""
+    if response.status_code != 422:
+        return None
+    try:
+        detail = response.json().get("detail", "")
+    except ValueError:
+        return None
+    match = re.match(rf"{kind.value}\[(\d+)\]", detail) if isinstance(detail, str) else None
+    if match is None or int(match.group(1)) >= count:
+        return None
+    return int(match.group(1))
 
 
 def _retry_after_seconds(response: httpx.Response) -> float:

@@ -148,7 +148,7 @@ def _run_in_slot(job: str, run: Callable[[JobContext], object], context: JobCont
     with context.session_factory.begin() as session:
         run_id = queries.start_job_run(session, job, scheduled_for=scheduled_for, runner=context.worker)
     if run_id is None:
-        logger.info("job %s: slot %s already has a run (a replica or a restart of this process ran it); skipping", job, scheduled_for)
+        logger.info("job %s: slot %s already has a recorded run (by this process or a replica); skipping", job, scheduled_for)
         return JobSkipped.SLOT_TAKEN
 
     started = time.perf_counter()

@@ -190,15 +190,34 @@ def test_client_survives_unsendable_batch(monkeypatch):
     assert client.stats.dropped_rejected == 4
 
 
-def test_client_log_names_rejected_item(caplog):
+def test_client_resends_batch_without_rejected_item(caplog):
+    # The server stores a batch whole or not at all; the client drops only the item a 422 names.
     class RejectingServer(FakeServer):
         def __call__(self, request):
-            return httpx.Response(422, json={"detail": "predictions[1].input.shape: got [3], expected [2, 2]"})
+            items = json.loads(request.content)["predictions"]
+            ids = [item["prediction_id"] for item in items]
+            for bad in ("p-1", "p-3"):
+                if bad in ids:
+                    index = ids.index(bad)
+                    return httpx.Response(422, json={"detail": f"predictions[{index}].input.shape: got [3], expected [2, 2]"})
+            return super().__call__(request)
 
-    client = make_client(RejectingServer())
-    log(client, 2)
+    server = RejectingServer()
+    client = make_client(server, batch_size=5)
+    log(client, 5)
     assert client.close()
-    assert "first invalid prediction_id 'p-1'" in caplog.text
+    assert server.ids("predictions") == ["p-0", "p-2", "p-4"]
+    assert client.stats.sent == 3
+    assert client.stats.dropped_rejected == 2
+    assert "prediction_id 'p-1'" in caplog.text
+    assert "prediction_id 'p-3'" in caplog.text
+
+
+def test_client_rejects_nested_list_input():
+    client = make_client(FakeServer())
+    with pytest.raises(ValueError, match="input_data must be a flat sequence"):
+        client.log_prediction("nested", predicted_class=1, probabilities=[0.1, 0.8, 0.1], input_data=[[0.0, 0.0], [0.0, 0.0]], input_shape=[2, 2])
+    assert client.close()
 
 
 def test_client_batches_stored_by_api(client, api_state):
