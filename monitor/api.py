@@ -429,10 +429,11 @@ def _content_digest(
 
     The header is put together from pieces instead of calling ``json.dumps``
     for each row, which cost about 1 ms per batch of 500 in a profile of
-    ``benchmarks/ingest.py``. The pieces give the same text: the input shape equals the version's (checked
-    before), integers and finite floats print as their ``repr``, and an ISO
-    8601 timestamp holds no character that JSON escapes.
-    ``test_content_digest_header_matches_json`` compares both texts.
+    ``benchmarks/ingest.py``. The pieces give the same text: the input shape
+    equals the version's (checked before), integers and finite floats print
+    as their ``repr``, and an ISO 8601 timestamp holds no character that
+    JSON escapes. ``test_content_digest_header_matches_json`` compares both
+    texts.
 
     Stored digests depend on this exact formula. A change would turn every
     client retry of a prediction stored before it into a 409 conflict.

@@ -137,11 +137,6 @@ def register_model_version(
     return existing
 
 
-def current_version(session: Session, model: str) -> ModelVersion | None:
-    """Return the current version of ``model``, or None when it has none."""
-    return session.scalar(select(ModelVersion).where(ModelVersion.model == model, ModelVersion.is_current))
-
-
 def version_fields(session: Session, model: str, version: str | None = None) -> Row | None:
     """Return ``id``, ``version``, ``input_shape`` and ``num_classes`` of a version of ``model``, or None.
 
@@ -158,12 +153,6 @@ def current_versions(session: Session) -> dict[str, ModelVersion]:
     """Return the current version of every registered model, by model name."""
     rows = session.scalars(select(ModelVersion).where(ModelVersion.is_current))
     return {row.model: row for row in rows}
-
-
-def find_version(session: Session, model: str, version: str) -> ModelVersion | None:
-    return session.scalar(
-        select(ModelVersion).where(ModelVersion.model == model, ModelVersion.version == version)
-    )
 
 
 def training_examples_by_row(
