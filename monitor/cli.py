@@ -6,6 +6,9 @@ Results go to standard output; logs go to standard error.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
+import io
 import json
 import logging
 import os
@@ -317,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
+    # A crash in native code (JAX, the database drivers) then leaves every
+    # thread's Python stack on standard error, which is the daemon's log.
+    # Under pytest it is on already, and a captured stderr has no file
+    # descriptor to write to.
+    if not faulthandler.is_enabled():
+        with contextlib.suppress(io.UnsupportedOperation):
+            faulthandler.enable()
     try:
         return args.handler(args)
     except PoisonwatchError as error:
