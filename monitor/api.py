@@ -415,6 +415,11 @@ def _input_field(index: int, item: schemas.PredictionIn) -> str:
     return f"predictions[{index}].input.data" if item.input.data is not None else f"predictions[{index}].input.data_base64"
 
 
+def _invalid_field(field: str, problem: str, summary: str, *, reason: RejectReason = RejectReason.INVALID_FIELD) -> ApiError:
+    """Build the 422 for one invalid field: ``problem`` in the detail, ``summary`` in its entry of ``errors``."""
+    return ApiError(422, reason, f"{field}: {problem}", [schemas.FieldError(field=field, message=summary)])
+
+
 def _content_digest(
     version: _TargetVersion, item: schemas.PredictionIn, probabilities: bytes | None, input_data: bytes
 ) -> str:
@@ -431,7 +436,7 @@ def _content_digest(
     for each row, which cost about 1 ms per batch of 500 in a profile of
     ``benchmarks/ingest.py``. The pieces give the same text: the input shape
     equals the version's (checked before), integers and finite floats print
-    as their ``repr``, and an ISO 8601 timestamp holds no character that
+    as their ``repr``, and an ISO 8601 timestamp contains no character that
     JSON escapes. ``test_content_digest_header_matches_json`` compares both
     texts.
 
@@ -540,14 +545,13 @@ def create_app(state: ApiState) -> FastAPI:
     def check_prediction(
         index: int, item: schemas.PredictionIn, version: _TargetVersion, input_finite: bool, input_error: str | None
     ) -> None:
-        # Field names are built only for an error: this runs for every item of every batch.
+        # Field names are built only for an error, because this runs for every item of every batch.
         if item.input.shape != version.input_shape:
-            field = f"predictions[{index}].input.shape"
-            raise ApiError(
-                422,
-                RejectReason.WRONG_SHAPE,
-                f"{field}: got {item.input.shape}, expected {version.input_shape} for model version {version.name}",
-                [schemas.FieldError(field=field, message=f"expected {version.input_shape}")],
+            raise _invalid_field(
+                f"predictions[{index}].input.shape",
+                f"got {item.input.shape}, expected {version.input_shape} for model version {version.name}",
+                f"expected {version.input_shape}",
+                reason=RejectReason.WRONG_SHAPE,
             )
         if item.input.size > state.config.server.max_input_values:
             raise ApiError(
@@ -557,38 +561,22 @@ def create_app(state: ApiState) -> FastAPI:
                 f" at most {state.config.server.max_input_values} allowed",
             )
         if item.predicted_class >= version.num_classes:
-            field = f"predictions[{index}].predicted_class"
-            raise ApiError(
-                422,
-                RejectReason.INVALID_FIELD,
-                f"{field}: {item.predicted_class} is out of range for {version.num_classes} classes",
-                [schemas.FieldError(field=field, message=f"must be < {version.num_classes}")],
+            raise _invalid_field(
+                f"predictions[{index}].predicted_class",
+                f"{item.predicted_class} is out of range for {version.num_classes} classes",
+                f"must be < {version.num_classes}",
             )
         if item.probabilities is not None and len(item.probabilities) != version.num_classes:
-            field = f"predictions[{index}].probabilities"
-            raise ApiError(
-                422,
-                RejectReason.INVALID_FIELD,
-                f"{field}: {len(item.probabilities)} values, expected {version.num_classes}",
-                [schemas.FieldError(field=field, message=f"expected {version.num_classes} values")],
+            raise _invalid_field(
+                f"predictions[{index}].probabilities",
+                f"{len(item.probabilities)} values, expected {version.num_classes}",
+                f"expected {version.num_classes} values",
             )
         if input_error is not None:
-            field = _input_field(index, item)
-            raise ApiError(
-                422,
-                RejectReason.INVALID_FIELD,
-                f"{field}: {input_error}",
-                [schemas.FieldError(field=field, message=input_error)],
-            )
+            raise _invalid_field(_input_field(index, item), input_error, input_error)
         if not input_finite:
-            field = _input_field(index, item)
             problem = "values overflow float32" if item.input.data is not None else "values are not finite"
-            raise ApiError(
-                422,
-                RejectReason.INVALID_FIELD,
-                f"{field}: {problem}",
-                [schemas.FieldError(field=field, message=problem)],
-            )
+            raise _invalid_field(_input_field(index, item), problem, problem)
 
     def prediction_rows(
         session: Session, model: str, items: Sequence[schemas.PredictionIn], inputs: _Float32Arrays, probabilities: _Float32Arrays
