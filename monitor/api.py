@@ -213,7 +213,10 @@ def _id_list_error(
         status,
         reason,
         f"{summary}: " + ", ".join(shown),
-        [schemas.FieldError(field=field, message=f"{problem}: {prediction_id}") for prediction_id in shown],
+        [
+            schemas.FieldError(field=field, message=f"{problem}: {prediction_id}", prediction_id=prediction_id)
+            for prediction_id in shown
+        ],
     )
 
 
@@ -470,7 +473,7 @@ def create_app(state: ApiState) -> FastAPI:
         if endpoint is not None and error.reason is not None:
             state.metrics.requests_rejected.labels(endpoint=endpoint, reason=error.reason).inc()
         body = schemas.ErrorBody(detail=error.detail, errors=error.errors)
-        return JSONResponse(status_code=error.status, content=body.model_dump(), headers=error.headers)
+        return JSONResponse(status_code=error.status, content=body.model_dump(exclude_none=True), headers=error.headers)
 
     @app.exception_handler(ApiError)
     async def handle_api_error(request: Request, error: ApiError) -> JSONResponse:

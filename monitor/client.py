@@ -62,11 +62,13 @@ class PoisonwatchClient:
     Memory is bounded by ``max_queue`` items per kind: when a queue is full the
     oldest item is dropped and counted in ``stats.dropped_queue_full``. The
     server stores a batch whole or not at all. When it rejects a batch with
-    a 422 that names one item, that item is dropped and logged, and the rest
-    of the batch is sent again. A batch rejected with any other 4xx except
-    408 and 429 is dropped whole and logged, since resending it cannot
-    succeed. Dropped items are counted in ``stats.dropped_rejected``, and
-    :meth:`flush` counts them as done. Other failures are retried
+    a 409 or 422 that names items (by index for an invalid field, by
+    ``prediction_id`` for a conflict or a label of an unknown prediction),
+    those items are dropped and logged, and the rest of the batch is sent
+    again. A batch rejected with any other 4xx except 408 and 429 is dropped
+    whole and logged, since resending it cannot succeed. Dropped items are
+    counted in ``stats.dropped_rejected``, and :meth:`flush` counts them as
+    done. Other failures are retried
     up to ``max_retries`` times, waiting ``backoff_seconds * 2**attempt``
     (with jitter, at most ``max_backoff_seconds``, and at least the server's
     ``Retry-After``). After that the batch is put back at the head of the
@@ -132,15 +134,22 @@ class PoisonwatchClient:
         far faster than JSON numbers. An array of any shape is flattened in
         C order.
 
+        Logging the same ``prediction_id`` again with other content, the
+        default ``timestamp`` included, is a conflict that the server
+        rejects. A retry by this client resends the same item, so the server
+        counts it as a duplicate.
+
         Raises:
-            ValueError: for anything the server would reject, so that one bad
-                prediction does not get its whole batch rejected later. That
-                is an input value count that does not match ``input_shape``,
-                an input value that is not finite or beyond the float32
-                range, and neither ``probabilities`` nor ``confidence``. It
-                is also a probability or confidence outside [0, 1] or not
-                finite, probabilities that do not sum to 1 within 0.001, and
-                a negative ``predicted_class`` or one without a probability.
+            ValueError: for what the server would reject and the client can
+                check without the model's metadata. For the input, that is
+                a value count that does not match ``input_shape`` and a
+                value that is not finite or beyond the float32 range. For
+                the output, it is neither ``probabilities`` nor
+                ``confidence``, a probability or confidence outside [0, 1]
+                or not finite, probabilities that do not sum to 1 within
+                0.001, and a negative ``predicted_class`` or one without a
+                probability. The model's input shape and class count are
+                checked only by the server.
         """
         shape = [int(size) for size in input_shape]
         probabilities = _checked_probabilities(probabilities, confidence, int(predicted_class))
@@ -238,16 +247,16 @@ class PoisonwatchClient:
                 return
 
     def _send(self, kind: Kind, items: list[dict]) -> None:
-        # Each pass drops the one item a 422 names, so a batch of n items takes at most n passes.
+        # Each pass drops at least one item, so a batch of n items takes at most n passes.
         while items:
             rejected = self._send_once(kind, items)
-            if rejected is None:
+            if not rejected:
                 return
-            self.stats.dropped_rejected += 1
-            items = items[:rejected] + items[rejected + 1 :]
+            self.stats.dropped_rejected += len(rejected)
+            items = [item for index, item in enumerate(items) if index not in rejected]
 
-    def _send_once(self, kind: Kind, items: list[dict]) -> int | None:
-        """Send one batch with retries; return the index of the one item a 422 names, or None when done with the batch."""
+    def _send_once(self, kind: Kind, items: list[dict]) -> set[int]:
+        """Send one batch with retries; return the indices of the items the server's 409 or 422 names, else an empty set."""
         path = f"/v1/models/{self.model}/{kind.value}"
         for attempt in range(self.max_retries + 1):
             retry_after = 0.0
@@ -260,14 +269,15 @@ class PoisonwatchClient:
                     result = response.json()
                     self.stats.sent += result.get("accepted", 0)
                     self.stats.duplicates += result.get("duplicates", 0)
-                    return None
-                rejected = _rejected_index(response, kind, len(items))
-                if rejected is not None:
+                    return set()
+                rejected = _rejected_indices(response, kind, items)
+                if rejected:
                     logger.error(
-                        "poisonwatch rejected %s prediction_id %r; sending the other %d again: %s",
+                        "poisonwatch rejected %d of %d %s (prediction_id %s); sending the others again: %s",
+                        len(rejected),
+                        len(items),
                         kind.value,
-                        items[rejected].get("prediction_id"),
-                        len(items) - 1,
+                        ", ".join(repr(items[index].get("prediction_id")) for index in sorted(rejected)),
                         response.text[:500],
                     )
                     return rejected
@@ -280,7 +290,7 @@ class PoisonwatchClient:
                         response.status_code,
                         response.text[:500],
                     )
-                    return None
+                    return set()
                 problem = f"HTTP {response.status_code}"
                 retry_after = _retry_after_seconds(response)
             if attempt == self.max_retries:
@@ -300,7 +310,7 @@ class PoisonwatchClient:
             kept = items[-room:] if room < len(items) else items
             self.stats.dropped_queue_full += len(items) - len(kept)
             queue.extendleft(reversed(kept))
-        return None
+        return set()
 
 
 def _checked_probabilities(probabilities: Sequence[float] | None, confidence: float | None, predicted_class: int) -> list[float] | None:
@@ -355,18 +365,28 @@ def _float32_base64(values: Sequence[float], shape: Sequence[int]) -> str:
     return base64.b64encode(packed).decode("ascii")
 
 
-def _rejected_index(response: httpx.Response, kind: Kind, count: int) -> int | None:
-    """Return N when ``response`` is a 422 whose detail starts with ``predictions[N]`` (or ``labels[N]``), else None."""
-    if response.status_code != 422:
-        return None
+def _rejected_indices(response: httpx.Response, kind: Kind, items: list[dict]) -> set[int]:
+    """Return the indices of the items a 409 or 422 names; empty when it names none of them.
+
+    A 422 about one item's field starts its detail with ``predictions[N]``
+    (or ``labels[N]``). A 409 conflict and a 422 for labels of unknown
+    predictions name the items by ``prediction_id`` in ``errors``.
+    """
+    if response.status_code not in (409, 422):
+        return set()
     try:
-        detail = response.json().get("detail", "")
+        body = response.json()
     except ValueError:
-        return None
+        return set()
+    if not isinstance(body, dict):
+        return set()
+    detail = body.get("detail")
     match = re.match(rf"{kind.value}\[(\d+)\]", detail) if isinstance(detail, str) else None
-    if match is None or int(match.group(1)) >= count:
-        return None
-    return int(match.group(1))
+    if match is not None and int(match.group(1)) < len(items):
+        return {int(match.group(1))}
+    named = {error.get("prediction_id") for error in body.get("errors") or [] if isinstance(error, dict)}
+    named.discard(None)
+    return {index for index, item in enumerate(items) if item.get("prediction_id") in named}
 
 
 def _retry_after_seconds(response: httpx.Response) -> float:

@@ -130,6 +130,9 @@ class WriteResult(BaseModel):
 class FieldError(BaseModel):
     field: str
     message: str
+    prediction_id: str | None = Field(
+        None, description="The prediction_id of the item at fault, when the error names items by id (409, unknown labels)."
+    )
 
 
 class ErrorBody(BaseModel):

@@ -119,6 +119,7 @@ def test_repeat_with_other_content_conflicts(client, api_state):
     response = client.post(PREDICTIONS, json={"predictions": [prediction("new"), changed]})
     assert response.status_code == 409
     assert "a" in response.json()["detail"]
+    assert response.json()["errors"] == [{"field": "prediction_id", "message": "conflict: a", "prediction_id": "a"}]
     assert stored_counts(api_state) == (1, 0)
     assert rejected(api_state, "predictions", "conflict") == 1
 
@@ -320,6 +321,7 @@ def test_label_for_unknown_prediction_rejected(client, api_state):
     )
     assert response.status_code == 422
     assert "ghost" in response.json()["detail"]
+    assert [error["prediction_id"] for error in response.json()["errors"]] == ["ghost"]
     assert stored_counts(api_state) == (1, 0)
     assert rejected(api_state, "labels", "unknown_prediction") == 1
 

@@ -209,8 +209,35 @@ def test_client_resends_batch_without_rejected_item(caplog):
     assert server.ids("predictions") == ["p-0", "p-2", "p-4"]
     assert client.stats.sent == 3
     assert client.stats.dropped_rejected == 2
-    assert "prediction_id 'p-1'" in caplog.text
-    assert "prediction_id 'p-3'" in caplog.text
+    assert "(prediction_id 'p-1')" in caplog.text
+    assert "(prediction_id 'p-3')" in caplog.text
+
+
+def test_client_drops_items_named_by_id(caplog):
+    # A 409 conflict and a 422 for labels of unknown predictions name the items by prediction_id.
+    class IdRejectingServer(FakeServer):
+        def __call__(self, request):
+            kind = request.url.path.rsplit("/", 1)[-1]
+            ids = [item["prediction_id"] for item in json.loads(request.content)[kind]]
+            status, bad = (409, {"p-1", "p-2"}) if kind == "predictions" else (422, {"ghost"})
+            named = [prediction_id for prediction_id in ids if prediction_id in bad]
+            if named:
+                errors = [{"field": "prediction_id", "message": "rejected", "prediction_id": name} for name in named]
+                return httpx.Response(status, json={"detail": "rejected: " + ", ".join(named), "errors": errors})
+            return super().__call__(request)
+
+    server = IdRejectingServer()
+    client = make_client(server, batch_size=5)
+    log(client, 5)
+    client.log_label("p-0", label=1)
+    client.log_label("ghost", label=1)
+    client.log_label("p-3", label=2)
+    assert client.close()
+    assert server.ids("predictions") == ["p-0", "p-3", "p-4"]
+    assert server.ids("labels") == ["p-0", "p-3"]
+    assert client.stats.dropped_rejected == 3
+    assert "'p-1', 'p-2'" in caplog.text
+    assert "'ghost'" in caplog.text
 
 
 def test_client_rejects_nested_list_input():
