@@ -665,7 +665,7 @@ def create_app(state: ApiState) -> FastAPI:
                     raise _id_list_error(
                         409,
                         RejectReason.CONFLICT,
-                        "prediction_id already stored with different content",
+                        "prediction_id already stored, or repeated in this batch, with different content",
                         "prediction_id",
                         "conflict",
                         outcome.conflicts,

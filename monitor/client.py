@@ -47,7 +47,7 @@ class Kind(enum.StrEnum):
 
 @dataclasses.dataclass
 class ClientStats:
-    """Counters since the client started; ``dropped`` items never reached the server."""
+    """Counters since the client started; ``dropped_*`` items are not stored (the queue was full, or the server rejected them)."""
 
     sent: int = 0
     duplicates: int = 0
@@ -103,9 +103,13 @@ class PoisonwatchClient:
         self.backoff_seconds = backoff_seconds
         self.max_backoff_seconds = max_backoff_seconds
         self.stats = ClientStats()
-        self._queues: dict[Kind, collections.deque[dict]] = {
-            kind: collections.deque() for kind in Kind
-        }
+        # Predictions as item dicts. Labels as (predictions logged before the
+        # label, item): a label is sent only once every prediction logged
+        # before it is sent or dropped, so it never arrives before its prediction.
+        self._predictions: collections.deque[dict] = collections.deque()
+        self._labels: collections.deque[tuple[int, dict]] = collections.deque()
+        self._predictions_logged = 0
+        self._predictions_done = 0
         self._max_queue = max_queue
         self._condition = threading.Condition()
         self._closed = False
@@ -168,20 +172,33 @@ class PoisonwatchClient:
         self._enqueue(Kind.PREDICTIONS, item)
 
     def log_label(self, prediction_id: str, *, label: int) -> None:
-        """Queue the ground-truth label of a logged prediction; returns at once."""
+        """Queue the ground-truth label of a logged prediction; returns at once.
+
+        The label is sent only after every prediction logged before it has
+        been sent or dropped. A negative label raises :class:`ValueError`
+        here; a label beyond the model's classes is rejected by the server.
+        """
+        if int(label) < 0:
+            raise ValueError(f"label must be >= 0, got {label}")
         self._enqueue(Kind.LABELS, {"prediction_id": prediction_id, "label": int(label)})
 
     def _enqueue(self, kind: Kind, item: dict) -> None:
         with self._condition:
             if self._closed:
                 raise RuntimeError("client is closed")
-            queue = self._queues[kind]
+            queue = self._predictions if kind is Kind.PREDICTIONS else self._labels
             if len(queue) >= self._max_queue:
                 queue.popleft()
+                if kind is Kind.PREDICTIONS:
+                    self._predictions_done += 1
                 self.stats.dropped_queue_full += 1
                 if self.stats.dropped_queue_full in (1, 10, 100, 1000) or self.stats.dropped_queue_full % 10000 == 0:
                     logger.warning("poisonwatch client queue full; %d items dropped so far", self.stats.dropped_queue_full)
-            queue.append(item)
+            if kind is Kind.PREDICTIONS:
+                queue.append(item)
+                self._predictions_logged += 1
+            else:
+                queue.append((self._predictions_logged, item))
             if len(queue) >= self.batch_size:
                 self._condition.notify_all()
 
@@ -216,47 +233,78 @@ class PoisonwatchClient:
         return flushed
 
     def _pending(self) -> int:
-        return sum(len(queue) for queue in self._queues.values()) + self._in_flight
+        return len(self._predictions) + len(self._labels) + self._in_flight
 
     def _run(self) -> None:
         while True:
             with self._condition:
-                if not self._closed and not any(len(queue) >= self.batch_size for queue in self._queues.values()):
+                full = len(self._predictions) >= self.batch_size or len(self._labels) >= self.batch_size
+                if not self._closed and not full:
                     self._condition.wait(self.flush_interval_seconds)
                 if self._closed and self._pending() == 0:
                     return
-                # Predictions first: a label can only attach to a stored prediction.
-                batches = []
-                for kind in Kind:
-                    queue = self._queues[kind]
-                    items = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
-                    if items:
-                        batches.append((kind, items))
-                self._in_flight = sum(len(items) for _, items in batches)
-            for kind, items in batches:
-                try:
-                    self._send(kind, items)
-                except Exception:  # noqa: BLE001 - the sender thread must outlive one bad batch
-                    self.stats.dropped_rejected += len(items)
-                    logger.exception("poisonwatch client dropped a batch of %d %s it could not send", len(items), kind.value)
+                predictions = [self._predictions.popleft() for _ in range(min(self.batch_size, len(self._predictions)))]
+                self._in_flight = len(predictions)
+            kept_predictions = self._send_guarded(Kind.PREDICTIONS, predictions)
             with self._condition:
+                self._predictions_done += len(predictions) - len(kept_predictions)
+                self._keep(self._predictions, kept_predictions)
+                labels = []
+                while self._labels and len(labels) < self.batch_size and self._labels[0][0] <= self._predictions_done:
+                    labels.append(self._labels.popleft())
+                self._in_flight = len(labels)
+            bounds = {id(item): bound for bound, item in labels}
+            kept_labels = self._send_guarded(Kind.LABELS, [item for _, item in labels])
+            with self._condition:
+                self._keep(self._labels, [(bounds[id(item)], item) for item in kept_labels])
                 self._in_flight = 0
                 self._condition.notify_all()
-            if self._closed and batches and self._pending() > 0:
+                waiting = self._pending() > 0
+            if self._closed and waiting and (kept_predictions or kept_labels or not (predictions or labels)):
                 # Closing while the server is away: give up instead of spinning.
                 return
 
-    def _send(self, kind: Kind, items: list[dict]) -> None:
+    def _keep(self, queue: collections.deque, entries: list) -> None:
+        """Put unsent entries back at the head of ``queue`` in their order, within the queue bound; the caller holds the lock."""
+        room = self._max_queue - len(queue)
+        kept = entries[-room:] if room < len(entries) else entries
+        lost = len(entries) - len(kept)
+        self.stats.dropped_queue_full += lost
+        if queue is self._predictions:
+            self._predictions_done += lost
+        queue.extendleft(reversed(kept))
+
+    def _send_guarded(self, kind: Kind, items: list[dict]) -> list[dict]:
+        """Send ``items`` and return those to keep for a later try; a bug while sending drops the batch instead of the thread."""
+        if not items:
+            return []
+        try:
+            return self._send(kind, items)
+        except Exception:  # noqa: BLE001 - the sender thread must outlive one bad batch
+            self.stats.dropped_rejected += len(items)
+            logger.exception("poisonwatch client dropped a batch of %d %s it could not send", len(items), kind.value)
+            return []
+
+    def _send(self, kind: Kind, items: list[dict]) -> list[dict]:
+        """Send ``items``, dropping those the server rejects by name; return the items to keep when the server stays away."""
         # Each pass drops at least one item, so a batch of n items takes at most n passes.
         while items:
             rejected = self._send_once(kind, items)
+            if rejected is None:
+                return items
             if not rejected:
-                return
+                return []
             self.stats.dropped_rejected += len(rejected)
             items = [item for index, item in enumerate(items) if index not in rejected]
+        return []
 
-    def _send_once(self, kind: Kind, items: list[dict]) -> set[int]:
-        """Send one batch with retries; return the indices of the items the server's 409 or 422 names, else an empty set."""
+    def _send_once(self, kind: Kind, items: list[dict]) -> set[int] | None:
+        """Send one batch with retries.
+
+        Returns the indices of the items that the server's 409 or 422 names,
+        an empty set when the batch is stored or dropped whole, and None when
+        every retry failed, so the caller keeps the batch.
+        """
         path = f"/v1/models/{self.model}/{kind.value}"
         for attempt in range(self.max_retries + 1):
             retry_after = 0.0
@@ -273,11 +321,12 @@ class PoisonwatchClient:
                 rejected = _rejected_indices(response, kind, items)
                 if rejected:
                     logger.error(
-                        "poisonwatch rejected %d of %d %s (prediction_id %s); sending the others again: %s",
+                        "poisonwatch rejected %d of %d %s (prediction_id %s)%s: %s",
                         len(rejected),
                         len(items),
                         kind.value,
                         ", ".join(repr(items[index].get("prediction_id")) for index in sorted(rejected)),
+                        "; sending the others again" if len(rejected) < len(items) else "",
                         response.text[:500],
                     )
                     return rejected
@@ -303,14 +352,7 @@ class PoisonwatchClient:
                 if self._closed:
                     break
                 self._condition.wait(delay)
-        # Keep the batch: put it back at the head so order is preserved, within the queue bound.
-        with self._condition:
-            queue = self._queues[kind]
-            room = self._max_queue - len(queue)
-            kept = items[-room:] if room < len(items) else items
-            self.stats.dropped_queue_full += len(items) - len(kept)
-            queue.extendleft(reversed(kept))
-        return set()
+        return None
 
 
 def _checked_probabilities(probabilities: Sequence[float] | None, confidence: float | None, predicted_class: int) -> list[float] | None:
@@ -386,7 +428,19 @@ def _rejected_indices(response: httpx.Response, kind: Kind, items: list[dict]) -
         return {int(match.group(1))}
     named = {error.get("prediction_id") for error in body.get("errors") or [] if isinstance(error, dict)}
     named.discard(None)
-    return {index for index, item in enumerate(items) if item.get("prediction_id") in named}
+    # An id repeated within the batch conflicts at its later copies, so its
+    # first copy is kept. If that copy conflicts with a stored row too, the
+    # next response names it again.
+    copies = collections.Counter(item.get("prediction_id") for item in items)
+    rejected, seen = set(), set()
+    for index, item in enumerate(items):
+        prediction_id = item.get("prediction_id")
+        if prediction_id not in named:
+            continue
+        if prediction_id in seen or copies[prediction_id] == 1:
+            rejected.add(index)
+        seen.add(prediction_id)
+    return rejected
 
 
 def _retry_after_seconds(response: httpx.Response) -> float:

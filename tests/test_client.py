@@ -86,7 +86,7 @@ def test_client_queue_bounded():
     server = FakeServer(statuses=[503] * 1000)
     client = make_client(server, max_queue=8, max_retries=0, flush_interval_seconds=5.0)
     log(client, 20)
-    queued = len(client._queues[Kind.PREDICTIONS])
+    queued = len(client._predictions)
     pending = client._pending()
     client.close(timeout_seconds=0.5)
     assert queued <= 8
@@ -103,6 +103,37 @@ def test_client_keeps_batch_when_server_away():
     client.close()
     assert flushed
     assert server.ids("predictions") == ["p-0", "p-1"]
+
+
+def test_client_labels_wait_for_their_predictions():
+    # While the predictions' sends fail, their labels stay queued; a label is
+    # never sent before every prediction logged ahead of it is stored.
+    class OrderCheckingServer(FakeServer):
+        def __init__(self):
+            super().__init__(statuses=[503] * 4)
+            self.stored: set[str] = set()
+
+        def __call__(self, request):
+            kind = request.url.path.rsplit("/", 1)[-1]
+            ids = [item["prediction_id"] for item in json.loads(request.content)[kind]]
+            if kind == "labels":
+                missing = [prediction_id for prediction_id in ids if prediction_id not in self.stored]
+                assert not missing, f"labels sent before their predictions: {missing}"
+            response = super().__call__(request)
+            if kind == "predictions" and response.status_code == 200:
+                self.stored.update(ids)
+            return response
+
+    server = OrderCheckingServer()
+    client = make_client(server, batch_size=4, max_retries=0)
+    log(client, 10)
+    for index in (0, 5, 9):
+        client.log_label(f"p-{index}", label=1)
+    assert client.flush(timeout_seconds=10.0)
+    client.close()
+    assert server.ids("predictions") == [f"p-{index}" for index in range(10)]
+    assert server.ids("labels") == ["p-0", "p-5", "p-9"]
+    assert client.stats.dropped_rejected == 0
 
 
 def test_client_rejects_invalid_batch_size():
@@ -179,7 +210,7 @@ def test_client_survives_unsendable_batch(monkeypatch):
         error = next(failures, None)
         if error is not None:
             raise error
-        real_send(kind, items)
+        return real_send(kind, items)
 
     monkeypatch.setattr(client, "_send", flaky_send)
     log(client, 4, prefix="lost")
@@ -238,6 +269,38 @@ def test_client_drops_items_named_by_id(caplog):
     assert client.stats.dropped_rejected == 3
     assert "'p-1', 'p-2'" in caplog.text
     assert "'ghost'" in caplog.text
+
+
+def test_client_keeps_first_copy_of_repeated_id():
+    # The API rejects a batch that repeats an id with other content, naming the id; the first copy is new.
+    class RepeatRejectingServer(FakeServer):
+        def __call__(self, request):
+            items = json.loads(request.content)["predictions"]
+            ids = [item["prediction_id"] for item in items]
+            repeated = sorted({prediction_id for prediction_id in ids if ids.count(prediction_id) > 1})
+            if repeated:
+                errors = [{"field": "prediction_id", "message": "conflict", "prediction_id": name} for name in repeated]
+                return httpx.Response(409, json={"detail": "conflict", "errors": errors})
+            return super().__call__(request)
+
+    server = RepeatRejectingServer()
+    client = make_client(server, batch_size=5)
+    for index, predicted_class in enumerate([1, 1, 0]):
+        probabilities = [0.1, 0.8, 0.1] if predicted_class == 1 else [0.8, 0.1, 0.1]
+        prediction_id = "dup" if index != 1 else "other"
+        client.log_prediction(prediction_id, predicted_class=predicted_class, probabilities=probabilities,
+                              input_data=[0.0] * 4, input_shape=[2, 2])
+    assert client.close()
+    assert server.ids("predictions") == ["dup", "other"]
+    assert server.batches[0][1][0]["predicted_class"] == 1
+    assert client.stats.dropped_rejected == 1
+
+
+def test_client_rejects_negative_label():
+    client = make_client(FakeServer())
+    with pytest.raises(ValueError, match="label must be >= 0"):
+        client.log_label("p-0", label=-1)
+    assert client.close()
 
 
 def test_client_rejects_nested_list_input():
