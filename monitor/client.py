@@ -72,7 +72,8 @@ class PoisonwatchClient:
     up to ``max_retries`` times, waiting ``backoff_seconds * 2**attempt``
     (with jitter, at most ``max_backoff_seconds``, and at least the server's
     ``Retry-After``). After that the batch is put back at the head of the
-    queue and retried on the next flush.
+    queue, and the sender tries again when a batch is full or after
+    ``flush_interval_seconds``, with no call to :meth:`flush` needed.
     """
 
     def __init__(
@@ -343,6 +344,13 @@ class PoisonwatchClient:
                 problem = f"HTTP {response.status_code}"
                 retry_after = _retry_after_seconds(response)
             if attempt == self.max_retries:
+                logger.warning(
+                    "sending %d %s failed %d times (%s); keeping them to send again later",
+                    len(items),
+                    kind.value,
+                    attempt + 1,
+                    problem,
+                )
                 break
             self.stats.retries += 1
             delay = min(self.backoff_seconds * 2**attempt, self.max_backoff_seconds) * random.uniform(0.5, 1.0)
