@@ -240,14 +240,18 @@ def make_objective_hvp(
     n = _check_hvp_arguments(x, y, l2, damping, batch_size)
     batch_size = fit_batch_size(batch_size, n, sharding)
 
-    def hvp(v: Params) -> Params:
-        v = jax.tree.map(lambda u, theta: jnp.asarray(u, dtype=theta.dtype), v, params)
-        total = jax.tree.map(jnp.zeros_like, params)
-        for x_batch, y_batch, mask in padded_batches(x, y, batch_size, sharding):
-            total = _add_batch_hvp(loss, total, params, v, x_batch, y_batch, mask)
-        return _finish_hvp(total, v, 1.0 / n, l2 + damping)
+    add_batch = functools.partial(_add_batch_hvp, loss)
+    return functools.partial(_batched_product, add_batch, params, x, y, n, l2 + damping, batch_size, sharding)
 
-    return hvp
+
+def _batched_product(add_batch, params: Params, x: Array, y: Array, n: int, shift: float, batch_size: int,
+                     sharding: NamedSharding | None, v: Params) -> Params:
+    """Compute ``(1/n)·Σ_batches add_batch(...) + shift·v``, one fixed-shape batch of the training set at a time."""
+    v = jax.tree.map(lambda u, theta: jnp.asarray(u, dtype=theta.dtype), v, params)
+    total = jax.tree.map(jnp.zeros_like, params)
+    for x_batch, y_batch, mask in padded_batches(x, y, batch_size, sharding):
+        total = add_batch(total, params, v, x_batch, y_batch, mask)
+    return _finish_hvp(total, v, 1.0 / n, shift)
 
 
 def make_gauss_newton_hvp(
@@ -290,14 +294,8 @@ def make_gauss_newton_hvp(
     n = _check_hvp_arguments(x, y, l2, damping, batch_size)
     batch_size = fit_batch_size(batch_size, n, sharding)
 
-    def hvp(v: Params) -> Params:
-        v = jax.tree.map(lambda u, theta: jnp.asarray(u, dtype=theta.dtype), v, params)
-        total = jax.tree.map(jnp.zeros_like, params)
-        for x_batch, y_batch, mask in padded_batches(x, y, batch_size, sharding):
-            total = _add_batch_gauss_newton(apply, output_loss, total, params, v, x_batch, y_batch, mask)
-        return _finish_hvp(total, v, 1.0 / n, l2 + damping)
-
-    return hvp
+    add_batch = functools.partial(_add_batch_gauss_newton, apply, output_loss)
+    return functools.partial(_batched_product, add_batch, params, x, y, n, l2 + damping, batch_size, sharding)
 
 
 def incident_gradient(loss: LossFn, params: Params, x: Array, y: Array) -> Params:
