@@ -384,7 +384,7 @@ def _inputs_to_float32(inputs: Sequence[schemas.InputArray]) -> _Float32Arrays:
         data.append(decoded)
         decoded_at.append(index)
     if decoded_at:
-        # One finiteness check over every decoded value; per array only when some value is not finite.
+        # One finiteness check covers every decoded value. Arrays are checked one by one only when a value is not finite.
         finite_values = np.isfinite(np.frombuffer(b"".join(data[index] for index in decoded_at), dtype="<f4"))
         if not finite_values.all():
             lengths = [inputs[index].size for index in decoded_at]
@@ -448,9 +448,10 @@ def _content_digest(
     """
     confidence = "null" if item.confidence is None else repr(item.confidence)
     timestamp = "null" if item.timestamp is None else '"' + item.timestamp.isoformat() + '"'
-    given = "false" if probabilities is None else "true"
+    has_probabilities = "false" if probabilities is None else "true"
     header = (
-        f"{version.digest_prefix}{item.predicted_class!r}, {confidence}, {version.shape_text}, {timestamp}, {given}]"
+        f"{version.digest_prefix}{item.predicted_class!r}, {confidence}, {version.shape_text}, {timestamp},"
+        f" {has_probabilities}]"
     )
     if probabilities is None:
         return hashlib.sha256(header.encode() + input_data).hexdigest()

@@ -177,7 +177,7 @@ class PoisonwatchClient:
 
         The label is sent only after every prediction logged before it has
         been sent or dropped. A negative label raises :class:`ValueError`
-        here; a label beyond the model's classes is rejected by the server.
+        here. The server rejects a label beyond the model's classes.
         """
         if int(label) < 0:
             raise ValueError(f"label must be >= 0, got {label}")
@@ -266,17 +266,23 @@ class PoisonwatchClient:
                 return
 
     def _keep(self, queue: collections.deque, entries: list) -> None:
-        """Put unsent entries back at the head of ``queue`` in their order, within the queue bound; the caller holds the lock."""
+        """Put unsent entries back at the head of ``queue`` in their order, within the queue bound.
+
+        The caller must hold the lock.
+        """
         room = self._max_queue - len(queue)
-        kept = entries[-room:] if room < len(entries) else entries
-        lost = len(entries) - len(kept)
+        requeued = entries[-room:] if room < len(entries) else entries
+        lost = len(entries) - len(requeued)
         self.stats.dropped_queue_full += lost
         if queue is self._predictions:
             self._predictions_done += lost
-        queue.extendleft(reversed(kept))
+        queue.extendleft(reversed(requeued))
 
     def _send_guarded(self, kind: Kind, items: list[dict]) -> list[dict]:
-        """Send ``items`` and return those to keep for a later try; a bug while sending drops the batch instead of the thread."""
+        """Send ``items`` and return those to keep for a later try.
+
+        An unexpected error while sending drops this batch and leaves the sender thread running.
+        """
         if not items:
             return []
         try:
@@ -287,7 +293,10 @@ class PoisonwatchClient:
             return []
 
     def _send(self, kind: Kind, items: list[dict]) -> list[dict]:
-        """Send ``items``, dropping those the server rejects by name; return the items to keep when the server stays away."""
+        """Send ``items`` and drop those the server rejects by name.
+
+        Returns the items to keep for a later try when the server stays unreachable.
+        """
         # Each pass drops at least one item, so a batch of n items takes at most n passes.
         while items:
             rejected = self._send_once(kind, items)
@@ -345,7 +354,7 @@ class PoisonwatchClient:
                 retry_after = _retry_after_seconds(response)
             if attempt == self.max_retries:
                 logger.warning(
-                    "sending %d %s failed %d times (%s); keeping them to send again later",
+                    "sending %d %s failed %d times (%s), keeping them to send again later",
                     len(items),
                     kind.value,
                     attempt + 1,
@@ -392,7 +401,7 @@ def _checked_probabilities(probabilities: Sequence[float] | None, confidence: fl
 
 
 def _flat(values):
-    # NumPy and JAX arrays of any shape, in C order; other sequences as they are.
+    # NumPy and JAX arrays of any shape are flattened in C order. Other sequences pass as they are.
     if hasattr(values, "ravel"):
         return values.ravel()
     return values
@@ -416,7 +425,7 @@ def _float32_base64(values: Sequence[float], shape: Sequence[int]) -> str:
 
 
 def _rejected_indices(response: httpx.Response, kind: Kind, items: list[dict]) -> set[int]:
-    """Return the indices of the items a 409 or 422 names; empty when it names none of them.
+    """Return the indices of the items that a 409 or 422 names, or an empty set when it names none.
 
     A 422 about one item's field starts its detail with ``predictions[N]``
     (or ``labels[N]``). A 409 conflict and a 422 for labels of unknown

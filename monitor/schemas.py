@@ -33,10 +33,10 @@ class InputArray(_Body):
     """
 
     shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=MAX_INPUT_DIMENSIONS)
-    data: list[float] | None = Field(None, description="The values as JSON numbers; give this or 'data_base64'.")
+    data: list[float] | None = Field(None, description="The values as JSON numbers. Give this or 'data_base64'.")
     data_base64: str | None = Field(
         None,
-        description="The values as little-endian float32 bytes in standard base64 with padding; give this or 'data'.",
+        description="The values as little-endian float32 bytes in standard base64 with padding. Give this or 'data'.",
         json_schema_extra={"contentEncoding": "base64"},
     )
 

@@ -422,7 +422,7 @@ def test_invalid_base64_input_rejected(client, api_state, input_array, message):
     assert stored_counts(api_state) == (0, 0)
 
 
-def test_first_invalid_item_reported_across_input_forms(client):
+def test_first_invalid_item_across_forms(client):
     not_finite = prediction("nan", input={"shape": list(INPUT_SHAPE), "data_base64": encoded([np.nan] * 6)})
     overflowing = prediction("big", input={"shape": list(INPUT_SHAPE), "data": [1e39] * 6})
     response = client.post(PREDICTIONS, json={"predictions": [prediction("ok"), overflowing, not_finite]})
@@ -441,7 +441,7 @@ def test_first_invalid_item_reported_across_input_forms(client):
     probabilities=st.none() | st.binary(max_size=16),
 )
 def test_content_digest_header_matches_json(name, predicted_class, confidence, shape, timestamp, probabilities):
-    # The API puts the digest header together from pieces; it must equal the json.dumps text stored digests use.
+    # The API puts the digest header together from pieces. It must equal the json.dumps text that stored digests use.
     version = _TargetVersion(id=1, name=name, input_shape=shape, num_classes=3)
     item = SimpleNamespace(predicted_class=predicted_class, confidence=confidence, timestamp=timestamp)
     input_data = b"\x00" * 8

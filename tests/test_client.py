@@ -106,7 +106,7 @@ def test_client_keeps_batch_when_server_away():
 
 
 def test_client_labels_wait_for_their_predictions():
-    # While the predictions' sends fail, their labels stay queued; a label is
+    # While the predictions' sends fail, their labels stay queued. A label is
     # never sent before every prediction logged ahead of it is stored.
     class OrderCheckingServer(FakeServer):
         def __init__(self):
@@ -200,7 +200,7 @@ def test_client_flattens_arrays():
 
 
 def test_client_survives_unsendable_batch(monkeypatch):
-    # An error while sending one batch drops that batch only; the sender thread goes on.
+    # An error while sending one batch drops only that batch, and the sender thread goes on.
     server = FakeServer()
     client = make_client(server)
     real_send = client._send
@@ -222,7 +222,7 @@ def test_client_survives_unsendable_batch(monkeypatch):
 
 
 def test_client_resends_batch_without_rejected_item(caplog):
-    # The server stores a batch whole or not at all; the client drops only the item a 422 names.
+    # The server stores a batch whole or not at all, so the client drops only the item a 422 names.
     class RejectingServer(FakeServer):
         def __call__(self, request):
             items = json.loads(request.content)["predictions"]
@@ -272,7 +272,7 @@ def test_client_drops_items_named_by_id(caplog):
 
 
 def test_client_keeps_first_copy_of_repeated_id():
-    # The API rejects a batch that repeats an id with other content, naming the id; the first copy is new.
+    # The API rejects a batch that repeats an id with other content and names the id. The first copy is new.
     class RepeatRejectingServer(FakeServer):
         def __call__(self, request):
             items = json.loads(request.content)["predictions"]

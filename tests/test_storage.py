@@ -235,7 +235,7 @@ def test_masked_url_hides_password():
 
 def test_stale_claim_stores_nothing(session_factory):
     # A process that loses the scheduler lock and wins it back claims the
-    # incident anew; the analysis of its first claim must not be stored.
+    # incident anew. The analysis of its first claim must not be stored.
     version_id = seed_labelled(session_factory, [("p", 1, 0.95, 2)])
     first_claim, second_claim = queries.new_claim("host:1"), queries.new_claim("host:1")
     with session_factory.begin() as session:
