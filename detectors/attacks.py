@@ -11,6 +11,7 @@ Everything here is pure computation on arrays and pytrees.
 
 from __future__ import annotations
 
+import functools
 import math
 from enum import Enum
 from collections.abc import Callable
@@ -363,6 +364,21 @@ class CleanLabelMethod(str, Enum):
     GRADIENT_MATCHING = "gradient-matching"
 
 
+class BaseSelection(str, Enum):
+    """How :func:`plant_clean_label_attack` picks the training examples it perturbs.
+
+    ``NEAREST`` takes the attacker-class examples closest to the target in
+    input space. ``LARGEST_GRADIENT`` takes those whose loss has the largest
+    parameter gradient under the attacker's model. Later gradient-matching
+    work selects poisons this way (Souri et al., 2022, "Sleeper Agent"),
+    because such examples stay hard to fit and so keep some pull on the
+    parameters.
+    """
+
+    NEAREST = "nearest"
+    LARGEST_GRADIENT = "largest-gradient"
+
+
 def nearest_bases(train_x: np.ndarray, train_y: np.ndarray, target_x: np.ndarray, attacker_class: int, count: int) -> np.ndarray:
     """Return the rows of the ``count`` training examples of ``attacker_class`` nearest the target (L2, input space)."""
     candidates = np.flatnonzero(train_y == attacker_class)
@@ -372,6 +388,35 @@ def nearest_bases(train_x: np.ndarray, train_y: np.ndarray, target_x: np.ndarray
         )
     distances = np.linalg.norm((train_x[candidates] - target_x).reshape(len(candidates), -1), axis=1)
     return np.sort(candidates[np.argsort(distances, kind="stable")[:count]]).astype(np.int64)
+
+
+def largest_gradient_bases(
+    apply: ApplyFn, params: Params, train_x: np.ndarray, train_y: np.ndarray, attacker_class: int, count: int
+) -> np.ndarray:
+    """Return the rows of the ``count`` examples of ``attacker_class`` whose loss gradient is largest.
+
+    The gradient is that of the example's cross-entropy with respect to
+    ``params``. Rows come back ascending.
+    """
+    candidates = np.flatnonzero(train_y == attacker_class)
+    if len(candidates) < count:
+        raise ValueError(
+            f"num_poisons={count} exceeds the {len(candidates)} training examples of class {attacker_class}"
+        )
+    norms = np.asarray(_gradient_norms(apply, params, jnp.asarray(train_x[candidates], jnp.float32), attacker_class))
+    return np.sort(candidates[np.argsort(-norms, kind="stable")[:count]]).astype(np.int64)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _gradient_norms(apply: ApplyFn, params: Params, x: jax.Array, label: int) -> jax.Array:
+    def loss(p, example):
+        logits = apply(p, example[None])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full((1,), label))[0]
+
+    def norm(example):
+        return optax.tree.norm(jax.grad(loss)(params, example))
+
+    return jax.lax.map(norm, x, batch_size=256)
 
 
 def craft_feature_collision_poisons(
@@ -489,6 +534,60 @@ def craft_gradient_matching_poisons(
     return np.asarray(craft(params, jnp.asarray(target), jnp.asarray(bases), attacker_class, epsilon, step_size), np.float32)
 
 
+def alignment_shares(
+    apply: ApplyFn, params: Params, target_x: np.ndarray, attacker_class: int, poisons: np.ndarray
+) -> np.ndarray:
+    """Return each poison's share of the alignment that gradient matching builds, under ``params``.
+
+    Gradient matching aligns the *sum* of the poisons' parameter gradients
+    with the target's adversarial gradient ``g_t`` (both of the cross-entropy
+    of ``attacker_class``). Poison ``i`` adds ``g_i . g_t`` to that sum, and its
+    share is that term over the whole sum. Under the attacker's model
+    (``params``), a poison the model already fits with near-zero loss has
+    ``g_i`` near zero, so its share is near zero: the crafting objective does
+    not use it, whatever its perturbation.
+
+    Args:
+        apply: ``apply(params, x) -> logits``.
+        params: the parameters the poisons were crafted against.
+        target_x: the input to be misclassified.
+        attacker_class: the class the attacker wants for the target.
+        poisons: ``(P, *input_shape)`` poisons, labelled ``attacker_class``.
+
+    Returns:
+        float64 ``(P,)`` shares that sum to 1.
+
+    Raises:
+        ValueError: if the summed alignment is not positive, so shares mean nothing.
+    """
+    target = np.asarray(target_x, np.float32)
+    poisons = np.asarray(poisons, np.float32)
+    if poisons.ndim != target.ndim + 1 or poisons.shape[1:] != target.shape or len(poisons) == 0:
+        raise ValueError(f"poisons must have shape (P, *{target.shape}) with P >= 1, got {poisons.shape}")
+    terms = np.asarray(_alignment_terms(apply, params, jnp.asarray(target), jnp.asarray(poisons), attacker_class),
+                       np.float64)
+    total = terms.sum()
+    if not total > 0.0:
+        raise ValueError(
+            f"the poisons' summed gradient does not point along the target's (dot product {total:.3g}), "
+            "so shares are undefined"
+        )
+    return terms / total
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _alignment_terms(apply: ApplyFn, params: Params, target: jax.Array, poisons: jax.Array, label: int) -> jax.Array:
+    def gradient(example):
+        def loss(p):
+            logits = apply(p, example[None])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full((1,), label))[0]
+
+        return ravel_pytree(jax.grad(loss)(params))[0]
+
+    target_gradient = gradient(target)
+    return jax.lax.map(lambda example: gradient(example) @ target_gradient, poisons, batch_size=256)
+
+
 def _build_matching(apply: ApplyFn, *, steps: int, low: float, high: float):
     align = _gradient_alignment(apply, steps)
 
@@ -517,13 +616,21 @@ def plant_clean_label_attack(
     steps: int = 100,
     confidence_threshold: float = 0.5,
     clip: tuple[float, float] = (0.0, 1.0),
+    bases: BaseSelection | str = BaseSelection.NEAREST,
+    min_alignment_share: float = 0.0,
 ) -> AttackOutcome:
-    """Perturb the training examples of ``attacker_class`` nearest the target, retrain, and report success.
+    """Perturb ``num_poisons`` training examples of ``attacker_class``, retrain, and report success.
 
-    The bases are the ``num_poisons`` training examples of ``attacker_class``
-    closest to the target in input space. They are replaced in place by their
-    poisoned versions, labels unchanged, so ``poison_indices`` are the bases'
-    rows and the training set keeps its size.
+    ``bases`` picks the examples (:class:`BaseSelection`): by default the
+    ``num_poisons`` closest to the target in input space. They are replaced in
+    place by their poisoned versions, labels unchanged, so ``poison_indices``
+    are the bases' rows and the training set keeps its size.
+
+    With ``min_alignment_share`` > 0, gradient matching plants only the
+    poisons whose :func:`alignment_shares` under ``clean_params`` reach it.
+    The others stay clean: their gradient under the attacker's model is near
+    zero, so the crafting did not use them, and planting them would only
+    leave more modified images to be found.
 
     Args:
         method: :class:`CleanLabelMethod`. Feature collision needs ``embed``.
@@ -540,11 +647,16 @@ def plant_clean_label_attack(
         confidence_threshold: probability of ``attacker_class`` on the target
             that counts as success, in ``(0, 1]``.
         clip: valid input range.
+        bases: :class:`BaseSelection`, how the perturbed examples are chosen.
+        min_alignment_share: for gradient matching, the smallest share of
+            the crafted alignment that a planted poison carries, in
+            ``[0, 1)``. 0 plants every poison.
 
     Returns:
         An :class:`AttackOutcome`; ``poisoned_y`` equals ``train_y``.
     """
     method = CleanLabelMethod(method)
+    bases = BaseSelection(bases)
     train_x = np.asarray(train_x)
     train_y = np.asarray(train_y)
     target = np.asarray(target_x, dtype=np.float32)
@@ -554,8 +666,15 @@ def plant_clean_label_attack(
         raise ValueError(f"confidence_threshold must be in (0, 1], got {confidence_threshold}")
     if method is CleanLabelMethod.FEATURE_COLLISION and embed is None:
         raise ValueError("feature collision needs embed(params, x) -> features")
+    if not 0.0 <= min_alignment_share < 1.0:
+        raise ValueError(f"min_alignment_share must be in [0, 1), got {min_alignment_share}")
+    if min_alignment_share > 0.0 and method is not CleanLabelMethod.GRADIENT_MATCHING:
+        raise ValueError("min_alignment_share applies to gradient matching only")
 
-    rows = nearest_bases(train_x, train_y, target, attacker_class, num_poisons)
+    if bases is BaseSelection.NEAREST:
+        rows = nearest_bases(train_x, train_y, target, attacker_class, num_poisons)
+    else:
+        rows = largest_gradient_bases(apply, clean_params, train_x, train_y, attacker_class, num_poisons)
     if method is CleanLabelMethod.FEATURE_COLLISION:
         poisons = craft_feature_collision_poisons(
             embed, clean_params, target, train_x[rows], epsilon=epsilon, steps=steps, clip=clip
@@ -564,10 +683,28 @@ def plant_clean_label_attack(
         poisons = craft_gradient_matching_poisons(
             apply, clean_params, target, attacker_class, train_x[rows], epsilon=epsilon, steps=steps, clip=clip
         )
+        if min_alignment_share > 0.0:
+            rows, poisons = _used_poisons(apply, clean_params, target, attacker_class, rows, poisons,
+                                          min_alignment_share)
     poisoned_x = train_x.copy()
     poisoned_x[rows] = poisons
     params = train_fn(poisoned_x, train_y)
     return _outcome(apply, params, target, attacker_class, confidence_threshold, poisoned_x, train_y.copy(), rows)
+
+
+def _used_poisons(apply, params, target, attacker_class, rows, poisons, min_share):
+    """Keep the poisons whose alignment share reaches ``min_share``, or all of them if shares mean nothing."""
+    try:
+        shares = alignment_shares(apply, params, target, attacker_class, poisons)
+    except ValueError:
+        # The crafting found no alignment at all. No share then separates used
+        # poisons from unused ones, and retraining will report the attack as failed.
+        return rows, poisons
+    used = shares >= min_share
+    # The largest share is at least 1 / P, so with min_share above that an
+    # attack could prune every poison. It keeps the largest one instead.
+    used[np.argmax(shares)] = True
+    return rows[used], poisons[used]
 
 
 def _outcome(apply, params, target, attacker_class, confidence_threshold, poisoned_x, poisoned_y, rows) -> AttackOutcome:

@@ -10,10 +10,13 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from detectors.attacks import (
+    BaseSelection,
+    alignment_shares,
     CleanLabelMethod,
     craft_dirty_label_poisons,
     craft_feature_collision_poisons,
     craft_gradient_matching_poisons,
+    largest_gradient_bases,
     plant_clean_label_attack,
     plant_dirty_label_attack,
 )
@@ -298,6 +301,111 @@ def test_clean_label_keeps_labels_and_size(blobs, target):
     assert np.all(train_y[outcome.poison_indices] == 1)
     assert len(outcome.poison_indices) == 4
     assert isinstance(outcome.succeeded, bool)
+
+
+def test_largest_gradient_bases_match_a_loop_over_examples(blobs, linear_params):
+    train_x, train_y = blobs
+    params = linear_params
+
+    def norm(x):
+        def loss(p):
+            return optax.softmax_cross_entropy_with_integer_labels(linear_apply(p, x[None]), jnp.array([2]))[0]
+
+        return float(jnp.linalg.norm(ravel_pytree(jax.grad(loss)(params))[0]))
+
+    candidates = np.flatnonzero(train_y == 2)
+    norms = np.array([norm(jnp.asarray(train_x[row])) for row in candidates])
+    expected = np.sort(candidates[np.argsort(-norms)[:5]])
+
+    rows = largest_gradient_bases(linear_apply, params, train_x, train_y, 2, 5)
+
+    np.testing.assert_array_equal(rows, expected)
+    with pytest.raises(ValueError, match="exceeds the"):
+        largest_gradient_bases(linear_apply, params, train_x, train_y, 2, len(candidates) + 1)
+
+
+def test_clean_label_attack_perturbs_the_selected_bases(blobs, target, linear_params):
+    train_x, train_y = blobs
+    params = linear_params
+    outcome = plant_clean_label_attack(
+        CleanLabelMethod.GRADIENT_MATCHING, train_linear, linear_apply, params, train_x, train_y, target, 1,
+        num_poisons=4, epsilon=0.05, steps=5, bases=BaseSelection.LARGEST_GRADIENT,
+    )
+
+    np.testing.assert_array_equal(
+        outcome.poison_indices, largest_gradient_bases(linear_apply, params, train_x, train_y, 1, 4)
+    )
+    untouched = np.setdiff1d(np.arange(len(train_x)), outcome.poison_indices)
+    np.testing.assert_array_equal(outcome.poisoned_x[untouched], train_x[untouched])
+    with pytest.raises(ValueError, match="is not a valid BaseSelection"):
+        plant_clean_label_attack(
+            CleanLabelMethod.GRADIENT_MATCHING, train_linear, linear_apply, params, train_x, train_y, target, 1,
+            num_poisons=4, epsilon=0.05, steps=5, bases="random",
+        )
+
+
+def example_gradient(params, x, label):
+    def loss(p):
+        return optax.softmax_cross_entropy_with_integer_labels(linear_apply(p, x[None]), jnp.array([label]))[0]
+
+    return np.asarray(ravel_pytree(jax.grad(loss)(params))[0], np.float64)
+
+
+def test_alignment_shares_match_a_loop(blobs, target, linear_params):
+    train_x, train_y = blobs
+    poisons = train_x[train_y == 1][:6]
+    target_gradient = example_gradient(linear_params, jnp.asarray(target), 1)
+    terms = np.array([example_gradient(linear_params, jnp.asarray(p), 1) @ target_gradient for p in poisons])
+
+    shares = alignment_shares(linear_apply, linear_params, target, 1, poisons)
+
+    np.testing.assert_allclose(shares, terms / terms.sum(), rtol=1e-4, atol=1e-6)
+    assert shares.sum() == pytest.approx(1.0)
+
+
+def test_alignment_shares_refuse_a_sum_without_alignment(blobs, target, linear_params):
+    train_x, train_y = blobs
+    # Saturated logits: every class-1 example has exactly zero gradient.
+    saturated = jax.tree.map(lambda leaf: leaf * 1e4, linear_params)
+
+    with pytest.raises(ValueError, match="does not point along"):
+        alignment_shares(linear_apply, saturated, target, 1, train_x[train_y == 1][:4])
+    with pytest.raises(ValueError, match="poisons must have shape"):
+        alignment_shares(linear_apply, linear_params, target, 1, train_x[:0])
+
+
+def test_clean_label_attack_plants_used_poisons(blobs, target, linear_params):
+    train_x, train_y = blobs
+    arguments = (CleanLabelMethod.GRADIENT_MATCHING, train_linear, linear_apply, linear_params, train_x, train_y,
+                 target, 1)
+    every = plant_clean_label_attack(*arguments, num_poisons=8, epsilon=0.05, steps=5)
+    all_shares = alignment_shares(linear_apply, linear_params, target, 1, every.poisoned_x[every.poison_indices])
+    threshold = float(np.sort(all_shares)[3])  # between the 4th and 5th smallest share, so some are pruned
+
+    pruned = plant_clean_label_attack(*arguments, num_poisons=8, epsilon=0.05, steps=5,
+                                      min_alignment_share=threshold)
+
+    np.testing.assert_array_equal(pruned.poison_indices, every.poison_indices[all_shares >= threshold])
+    assert 0 < len(pruned.poison_indices) < 8
+    np.testing.assert_array_equal(pruned.poisoned_x[pruned.poison_indices], every.poisoned_x[pruned.poison_indices])
+    restored = np.setdiff1d(every.poison_indices, pruned.poison_indices)
+    np.testing.assert_array_equal(pruned.poisoned_x[restored], train_x[restored])
+
+
+@pytest.mark.parametrize(
+    ("method", "share", "message"),
+    [
+        (CleanLabelMethod.GRADIENT_MATCHING, 1.0, r"must be in \[0, 1\)"),
+        (CleanLabelMethod.GRADIENT_MATCHING, -0.1, r"must be in \[0, 1\)"),
+        (CleanLabelMethod.FEATURE_COLLISION, 0.1, "gradient matching only"),
+    ],
+)
+def test_clean_label_attack_checks_min_alignment_share(blobs, target, linear_params, method, share, message):
+    with pytest.raises(ValueError, match=message):
+        plant_clean_label_attack(
+            method, train_linear, linear_apply, linear_params, *blobs, target, 1, num_poisons=2, epsilon=0.05,
+            embed=lambda params, x: x.reshape(x.shape[0], -1), min_alignment_share=share,
+        )
 
 
 def test_clean_label_feature_collision_needs_embed(blobs, target):
