@@ -13,10 +13,15 @@ against the runner-up class with the drills of :mod:`detectors.attacks`:
   (transfer learning), and influence uses that layer;
 - gradient matching: the 20 attacker-class training images nearest the
   target, perturbed (L-infinity 0.3) so that their gradient matches the
-  target's adversarial gradient, full retraining.
+  target's adversarial gradient, full retraining. The ``gradient-matching``
+  row plants all 20. The ``gradient-matching-used`` row plants only the
+  poisons that carry at least 0.01% of the crafted alignment under the
+  attacker's model (``alignment_shares``) and leaves the others clean. The
+  ``gradient-matching-largest`` row (``--matching``) picks the 20 bases with
+  the largest loss gradient instead of the nearest.
 
 Smaller budgets (0.1, 0.2) failed to flip the target on digits. Recall is the
-fraction of all poisons found in the top k.
+fraction of the planted poisons found in the top k.
 
 Only successful attacks (the target flips to the attacker's class) are scored.
 For each, influence on the target's true-label loss is ranked by the raw score,
@@ -26,18 +31,19 @@ poisoned source has the most negative summed influence. Training examples
 come from five clean sources plus the attacker's upload, which holds the
 poisons and 10 clean examples.
 
-Three options investigate gradient matching. ``--candidates`` ranks every
-successful attack by further candidate scores side by side (Gauss-Newton
-Hessian, damping 0.1 and 1, the plain gradient direction, the loss of the
-predicted class, the margin of the true over the predicted class, influence
-over the last layer, and the gradient similarity summed over 10 checkpoints
-of the victim's training, TracIn). ``--leave-one-out`` retrains without each
+Four options investigate gradient matching. ``--matching`` picks the
+variants above. ``--candidates`` ranks every successful attack by further
+candidate scores side by side (Gauss-Newton Hessian, damping 0.1 and 1,
+the plain gradient direction, the loss of the predicted class, the margin of
+the true over the predicted class, influence over the last layer, and the
+gradient similarity summed over 10 checkpoints of the victim's training,
+TracIn). ``--leave-one-out`` retrains without each
 gradient-matching poison, and without 10 clean rows for scale, to find the
 poisons that actually moved the target, and then retrains with only those
 poisons and with only the others. ``--random-control`` retrains with
 the bases perturbed at random within the same budget.
 
-    .venv/bin/python benchmarks/poison_recall.py            # 10 seeds, about 15 minutes on 2 cores
+    .venv/bin/python benchmarks/poison_recall.py            # 10 seeds, about 7 minutes on 2 cores
     .venv/bin/python benchmarks/poison_recall.py --quick    # 2 seeds, digits only
     .venv/bin/python benchmarks/poison_recall.py --candidates --datasets digits
 
@@ -58,7 +64,9 @@ import optax
 
 import _common
 from detectors.attacks import (
+    BaseSelection,
     CleanLabelMethod,
+    alignment_shares,
     nearest_bases,
     plant_clean_label_attack,
     plant_dirty_label_attack,
@@ -86,6 +94,17 @@ FACTOR_RANK = 128
 POISON_SOURCE = "partner-upload"
 MATCHING_POISONS = 20
 MATCHING_EPSILON = 0.3
+# A poison the crafting used carries at least this share of the crafted
+# alignment (detectors.attacks.alignment_shares). Unused poisons sit near 0.
+USED_SHARE = 1e-4
+# The gradient-matching variants, one table row each: how the drill picks its
+# bases and which share a planted poison must carry.
+MATCHING_VARIANTS = {
+    "gradient-matching": {"bases": BaseSelection.NEAREST, "min_alignment_share": 0.0},
+    "gradient-matching-used": {"bases": BaseSelection.NEAREST, "min_alignment_share": USED_SHARE},
+    "gradient-matching-largest": {"bases": BaseSelection.LARGEST_GRADIENT, "min_alignment_share": 0.0},
+}
+DEFAULT_MATCHING = ["gradient-matching", "gradient-matching-used"]
 # Checkpoints of the victim's training that the ``checkpoints`` candidate sums over.
 CHECKPOINTS = 10
 SETTINGS = {
@@ -229,7 +248,7 @@ def poison_diagnostics(scores, poison_rows, labels, attacker):
     return {"median_poison_rank": float(np.median(ranks)), "intruders_attacker_class": share}
 
 
-def run_seed(dataset, seed, candidates=False, leave_one_out=False, random_control=False):
+def run_seed(dataset, seed, candidates=False, leave_one_out=False, random_control=False, matching=DEFAULT_MATCHING):
     load = _common.digits if dataset == "digits" else _common.mnist_subset
     train_x, train_y, test_x, test_y = load(seed)
     settings = SETTINGS[dataset]
@@ -254,16 +273,20 @@ def run_seed(dataset, seed, candidates=False, leave_one_out=False, random_contro
     )
     rows["feature-collision"] = (outcome, full_loss, lambda path: "2" in path)
 
-    outcome = plant_clean_label_attack(
-        CleanLabelMethod.GRADIENT_MATCHING, train_full, _common.mlp_apply, clean, train_x, train_y, target,
-        attacker, num_poisons=MATCHING_POISONS, epsilon=MATCHING_EPSILON, steps=200,
-    )
-    rows["gradient-matching"] = (outcome, full_loss, None)
+    for variant in matching:
+        outcome = plant_clean_label_attack(
+            CleanLabelMethod.GRADIENT_MATCHING, train_full, _common.mlp_apply, clean, train_x, train_y, target,
+            attacker, num_poisons=MATCHING_POISONS, epsilon=MATCHING_EPSILON, steps=200, **MATCHING_VARIANTS[variant],
+        )
+        rows[variant] = (outcome, full_loss, None)
     random_flip = random_control_flips(train_full, train_x, train_y, target, attacker, seed) if random_control else None
 
     results = {}
     for attack, (outcome, loss, keep) in rows.items():
-        entry = {"succeeded": outcome.succeeded, "target_confidence": outcome.target_confidence}
+        entry = {"succeeded": outcome.succeeded, "target_confidence": outcome.target_confidence,
+                 "planted": len(outcome.poison_indices)}
+        if attack in MATCHING_VARIANTS:
+            entry["alignment_shares"] = planted_shares(clean, target, attacker, outcome)
         if outcome.succeeded:
             params, apply = outcome.params, _common.mlp_apply
             if keep is not None:
@@ -284,18 +307,52 @@ def run_seed(dataset, seed, candidates=False, leave_one_out=False, random_contro
                         "checkpoints": train_with_checkpoints(outcome.poisoned_x, outcome.poisoned_y) if keep is None else None}
                 for name, scores in candidate_scores(view, raw, normalisers).items():
                     entry.update(recall_figures(name, scores, outcome.poison_indices))
-            if leave_one_out and attack == "gradient-matching":
+            if leave_one_out and attack in MATCHING_VARIANTS:
                 entry.update(poison_removal_effects(train_full, outcome, target, true_label, raw, rng))
                 beyond_clean = np.asarray(entry["removal_effects"]) < -entry["clean_removal_max_effect"]
                 helping = outcome.poison_indices[beyond_clean]
+                if entry["alignment_shares"] is not None:
+                    used = np.asarray(entry["alignment_shares"]) >= USED_SHARE
+                    entry["active_with_used_share"] = float(np.mean(used[beyond_clean])) if beyond_clean.any() else 1.0
+                    entry["inactive_with_unused_share"] = (
+                        float(np.mean(~used[~beyond_clean])) if (~beyond_clean).any() else 1.0)
                 entry.update(partial_attack_flips(train_full, outcome, train_x, target, attacker, helping))
                 if len(helping):
-                    scores = normalize_scores(raw, ScoreKind.GRADIENT_NORM, **normalisers)
-                    entry["helping_recall@20"] = float(np.isin(top_k(scores, 20), helping).sum() / len(helping))
+                    for kind in ScoreKind:
+                        scores = normalize_scores(raw, kind, **normalisers)
+                        entry.update(recall_figures(f"active-{kind.value}", scores, helping))
         if attack == "gradient-matching" and random_flip is not None:
             entry["random_control_flips"] = random_flip
         results[attack] = entry
     return results
+
+
+def planted_shares(clean, target_x, attacker, outcome):
+    """Return the planted poisons' shares of the crafted alignment under the attacker's model, or None."""
+    try:
+        shares = alignment_shares(_common.mlp_apply, clean, target_x, attacker,
+                                  outcome.poisoned_x[outcome.poison_indices])
+    except ValueError:
+        return None
+    return shares.tolist()
+
+
+# Bucket edges for the printed distribution of alignment shares.
+SHARE_EDGES = (1e-6, USED_SHARE, 1e-3)
+
+
+def share_histogram(runs, attack):
+    """Count the crafted poisons of every attempt of ``attack`` per alignment-share bucket."""
+    shares = np.array([share for results in runs.values() if attack in results
+                       for share in (results[attack].get("alignment_shares") or [])])
+    low, used, high = SHARE_EDGES
+    return {
+        "negative": int(np.sum(shares < 0)),
+        f"[0, {low:g})": int(np.sum((shares >= 0) & (shares < low))),
+        f"[{low:g}, {used:g})": int(np.sum((shares >= low) & (shares < used))),
+        f"[{used:g}, {high:g})": int(np.sum((shares >= used) & (shares < high))),
+        f">= {high:g}": int(np.sum(shares >= high)),
+    }
 
 
 def random_control_flips(train_full, train_x, train_y, target_x, attacker, seed):
@@ -392,7 +449,8 @@ def _apply_subset(merge, subset_params, x):
 
 SUMMARISED = ("source_first", "median_poison_rank", "intruders_attacker_class", "poisons_lowering_loss",
               "poisons_beyond_clean", "clean_removal_max_effect", "removal_pearson", "active_only_flips",
-              "active_only_confidence", "inert_only_flips", "inert_only_confidence", "target_confidence")
+              "active_only_confidence", "inert_only_flips", "inert_only_confidence", "target_confidence", "planted",
+              "active_with_used_share", "inactive_with_unused_share")
 
 
 def summarise(runs):
@@ -423,11 +481,11 @@ CANDIDATES = ["gauss-newton", "damping-0.1", "damping-1", "gradient-cosine", "pr
 
 
 def print_table(summary, names):
-    header = f"{'data/attack':<28} {'ok':>5} " + " ".join(f"{name + '@' + str(k):>20}" for name in names for k in (10, 20))
+    header = f"{'data/attack':<36} {'ok':>5} " + " ".join(f"{name + '@' + str(k):>20}" for name in names for k in (10, 20))
     print(header)
     for row_name, row in summary.items():
         cells = " ".join(f"{row.get(name + '@' + str(k), float('nan')):>20.2f}" for name in names for k in (10, 20))
-        print(f"{row_name:<28} {row['succeeded']:>2}/{row['attempted']:<2} {cells}")
+        print(f"{row_name:<36} {row['succeeded']:>2}/{row['attempted']:<2} {cells}")
 
 
 def main() -> None:
@@ -442,6 +500,8 @@ def main() -> None:
     parser.add_argument("--leave-one-out", action="store_true",
                         help="retrain without each gradient-matching poison, and without 10 clean rows, and report "
                              "how many poisons actually helped the attack (30 extra trainings per successful attack)")
+    parser.add_argument("--matching", nargs="+", choices=sorted(MATCHING_VARIANTS), default=DEFAULT_MATCHING,
+                        help="gradient-matching variants to plant, one table row each (default: %(default)s)")
     parser.add_argument("--random-control", action="store_true",
                         help="also retrain with the gradient-matching bases perturbed at random (same budget) "
                              "and report how often that flips the target")
@@ -453,18 +513,27 @@ def main() -> None:
     runs = {}
     for dataset in datasets:
         for seed in range(seeds):
-            runs[(dataset, seed)] = run_seed(dataset, seed, args.candidates, args.leave_one_out, args.random_control)
+            runs[(dataset, seed)] = run_seed(dataset, seed, args.candidates, args.leave_one_out, args.random_control,
+                                             args.matching)
             print(f"{dataset} seed {seed}: " + ", ".join(
                 f"{attack} {'ok' if entry['succeeded'] else 'failed'}" for attack, entry in runs[(dataset, seed)].items()
             ), flush=True)
     summary = summarise(runs)
 
     print_table(summary, [kind.value for kind in ScoreKind])
-    print(f"{'data/attack':<28} {'source 1st':>10} {'median poison rank':>19} {'attacker-class intruders':>25}")
+    print(f"{'data/attack':<36} {'planted':>8} {'source 1st':>10} {'median poison rank':>19} "
+          f"{'attacker-class intruders':>25}")
     for name, row in summary.items():
-        print(f"{name:<28} {row.get('source_first', float('nan')):>10.2f} "
+        print(f"{name:<36} {row.get('planted', float('nan')):>8.1f} {row.get('source_first', float('nan')):>10.2f} "
               f"{row.get('median_poison_rank', float('nan')):>19.1f} "
               f"{row.get('intruders_attacker_class', float('nan')):>25.2f}")
+    histograms = {}
+    for dataset in datasets:
+        for attack in args.matching:
+            histograms[f"{dataset}/{attack}"] = histogram = share_histogram(
+                {key: results for key, results in runs.items() if key[0] == dataset}, attack)
+            print(f"{dataset}/{attack}: crafted poisons of all attempts by share of the alignment under the "
+                  "attacker's model: " + ", ".join(f"{bucket} {count}" for bucket, count in histogram.items()))
     if args.random_control:
         for name, row in summary.items():
             if "random_control_flips" in row:
@@ -474,21 +543,28 @@ def main() -> None:
     if args.leave_one_out:
         for name, row in summary.items():
             if "poisons_lowering_loss" in row:
-                print(f"{name}: per attack, {row['poisons_lowering_loss']:.1f} of {MATCHING_POISONS} poisons lower "
+                print(f"{name}: per attack, {row['poisons_lowering_loss']:.1f} of {row['planted']:.1f} poisons lower "
                       f"the target's loss when removed, {row['poisons_beyond_clean']:.1f} by more than any clean "
                       f"removal (max {row['clean_removal_max_effect']:.3f}); predicted vs actual Pearson "
                       f"{row['removal_pearson']:.2f}; gradient-norm finds "
-                      f"{row.get('helping_recall@20', float('nan')):.2f} of those beyond clean in its top 20")
+                      f"{row.get('active-gradient-norm@20', float('nan')):.2f} of those beyond clean in its top 20")
                 print(f"{name}: with only those poisons perturbed the target flips in {row['active_only_flips']:.2f} "
                       f"of the attacks (mean attacker-class probability {row['active_only_confidence']:.2f}, "
-                      f"{row['target_confidence']:.2f} with all 20); with only the others, in "
+                      f"{row['target_confidence']:.2f} with all planted); with only the others, in "
                       f"{row['inert_only_flips']:.2f} (probability {row['inert_only_confidence']:.2f})")
+                if "active_with_used_share" in row:
+                    print(f"{name}: {row['active_with_used_share']:.2f} of the poisons beyond clean removals carry "
+                          f"a share >= {USED_SHARE:g} of the crafted alignment, and "
+                          f"{row['inactive_with_unused_share']:.2f} of the others carry less")
+        print("Recall of the active poisons (those beyond every clean removal) per score:")
+        print_table({name: row for name, row in summary.items() if "poisons_beyond_clean" in row},
+                    [f"active-{kind.value}" for kind in ScoreKind])
     if args.candidates:
         print_table(summary, CANDIDATES)
     _common.print_json({
         "benchmark": "poison_recall", "quick": args.quick, "seeds": seeds, "candidates": args.candidates,
         "datasets": datasets, "machine": _common.machine(),
-        "summary": summary, "seconds": time.perf_counter() - started,
+        "summary": summary, "alignment_share_histograms": histograms, "seconds": time.perf_counter() - started,
         "runs": {f"{dataset}/{seed}": results for (dataset, seed), results in runs.items()},
     })
 
