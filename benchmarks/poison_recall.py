@@ -17,8 +17,9 @@ against the runner-up class with the drills of :mod:`detectors.attacks`:
   row plants all 20. The ``gradient-matching-used`` row plants only the
   poisons that carry at least 0.01% of the crafted alignment under the
   attacker's model (``alignment_shares``) and leaves the others clean. The
-  ``gradient-matching-largest`` row (``--matching``) picks the 20 bases with
-  the largest loss gradient instead of the nearest.
+  ``gradient-matching-largest`` and ``gradient-matching-largest-used`` rows
+  (``--matching``) pick the 20 bases with the largest loss gradient instead
+  of the nearest. ``--used-share`` sets the share of the "-used" rows.
 
 Smaller budgets (0.1, 0.2) failed to flip the target on digits. Recall is the
 fraction of the planted poisons found in the top k.
@@ -100,9 +101,10 @@ USED_SHARE = 1e-4
 # The gradient-matching variants, one table row each: how the drill picks its
 # bases and which share a planted poison must carry.
 MATCHING_VARIANTS = {
-    "gradient-matching": {"bases": BaseSelection.NEAREST, "min_alignment_share": 0.0},
-    "gradient-matching-used": {"bases": BaseSelection.NEAREST, "min_alignment_share": USED_SHARE},
-    "gradient-matching-largest": {"bases": BaseSelection.LARGEST_GRADIENT, "min_alignment_share": 0.0},
+    "gradient-matching": {"bases": BaseSelection.NEAREST, "used_only": False},
+    "gradient-matching-used": {"bases": BaseSelection.NEAREST, "used_only": True},
+    "gradient-matching-largest": {"bases": BaseSelection.LARGEST_GRADIENT, "used_only": False},
+    "gradient-matching-largest-used": {"bases": BaseSelection.LARGEST_GRADIENT, "used_only": True},
 }
 DEFAULT_MATCHING = ["gradient-matching", "gradient-matching-used"]
 # Checkpoints of the victim's training that the ``checkpoints`` candidate sums over.
@@ -248,7 +250,8 @@ def poison_diagnostics(scores, poison_rows, labels, attacker):
     return {"median_poison_rank": float(np.median(ranks)), "intruders_attacker_class": share}
 
 
-def run_seed(dataset, seed, candidates=False, leave_one_out=False, random_control=False, matching=DEFAULT_MATCHING):
+def run_seed(dataset, seed, candidates=False, leave_one_out=False, random_control=False, matching=DEFAULT_MATCHING,
+             used_share=USED_SHARE):
     load = _common.digits if dataset == "digits" else _common.mnist_subset
     train_x, train_y, test_x, test_y = load(seed)
     settings = SETTINGS[dataset]
@@ -274,9 +277,11 @@ def run_seed(dataset, seed, candidates=False, leave_one_out=False, random_contro
     rows["feature-collision"] = (outcome, full_loss, lambda path: "2" in path)
 
     for variant in matching:
+        settings = MATCHING_VARIANTS[variant]
         outcome = plant_clean_label_attack(
             CleanLabelMethod.GRADIENT_MATCHING, train_full, _common.mlp_apply, clean, train_x, train_y, target,
-            attacker, num_poisons=MATCHING_POISONS, epsilon=MATCHING_EPSILON, steps=200, **MATCHING_VARIANTS[variant],
+            attacker, num_poisons=MATCHING_POISONS, epsilon=MATCHING_EPSILON, steps=200, bases=settings["bases"],
+            min_alignment_share=used_share if settings["used_only"] else 0.0,
         )
         rows[variant] = (outcome, full_loss, None)
     random_flip = random_control_flips(train_full, train_x, train_y, target, attacker, seed) if random_control else None
@@ -312,7 +317,7 @@ def run_seed(dataset, seed, candidates=False, leave_one_out=False, random_contro
                 beyond_clean = np.asarray(entry["removal_effects"]) < -entry["clean_removal_max_effect"]
                 helping = outcome.poison_indices[beyond_clean]
                 if entry["alignment_shares"] is not None:
-                    used = np.asarray(entry["alignment_shares"]) >= USED_SHARE
+                    used = np.asarray(entry["alignment_shares"]) >= used_share
                     entry["active_with_used_share"] = float(np.mean(used[beyond_clean])) if beyond_clean.any() else 1.0
                     entry["inactive_with_unused_share"] = (
                         float(np.mean(~used[~beyond_clean])) if (~beyond_clean).any() else 1.0)
@@ -502,10 +507,17 @@ def main() -> None:
                              "how many poisons actually helped the attack (30 extra trainings per successful attack)")
     parser.add_argument("--matching", nargs="+", choices=sorted(MATCHING_VARIANTS), default=DEFAULT_MATCHING,
                         help="gradient-matching variants to plant, one table row each (default: %(default)s)")
+    parser.add_argument("--used-share", type=float, default=USED_SHARE,
+                        help="smallest share of the crafted alignment that a poison of the '-used' rows carries, "
+                             "in [0, 1) (default %(default)g)")
     parser.add_argument("--random-control", action="store_true",
                         help="also retrain with the gradient-matching bases perturbed at random (same budget) "
                              "and report how often that flips the target")
     args = parser.parse_args()
+    if not 0.0 <= args.used_share < 1.0:
+        parser.error(f"--used-share must be in [0, 1), got {args.used_share}")
+    if args.random_control and "gradient-matching" not in args.matching:
+        parser.error("--random-control perturbs the bases of the gradient-matching row; add it to --matching")
     datasets = args.datasets or (["digits"] if args.quick else ["digits", "mnist"])
     seeds = 2 if args.quick else args.seeds
 
@@ -514,7 +526,7 @@ def main() -> None:
     for dataset in datasets:
         for seed in range(seeds):
             runs[(dataset, seed)] = run_seed(dataset, seed, args.candidates, args.leave_one_out, args.random_control,
-                                             args.matching)
+                                             args.matching, args.used_share)
             print(f"{dataset} seed {seed}: " + ", ".join(
                 f"{attack} {'ok' if entry['succeeded'] else 'failed'}" for attack, entry in runs[(dataset, seed)].items()
             ), flush=True)
@@ -529,7 +541,9 @@ def main() -> None:
               f"{row.get('intruders_attacker_class', float('nan')):>25.2f}")
     histograms = {}
     for dataset in datasets:
-        for attack in args.matching:
+        # Rows that plant only used poisons record shares among those alone,
+        # so the distribution of all crafted images comes from the other rows.
+        for attack in (name for name in args.matching if not MATCHING_VARIANTS[name]["used_only"]):
             histograms[f"{dataset}/{attack}"] = histogram = share_histogram(
                 {key: results for key, results in runs.items() if key[0] == dataset}, attack)
             print(f"{dataset}/{attack}: crafted poisons of all attempts by share of the alignment under the "
@@ -554,7 +568,7 @@ def main() -> None:
                       f"{row['inert_only_flips']:.2f} (probability {row['inert_only_confidence']:.2f})")
                 if "active_with_used_share" in row:
                     print(f"{name}: {row['active_with_used_share']:.2f} of the poisons beyond clean removals carry "
-                          f"a share >= {USED_SHARE:g} of the crafted alignment, and "
+                          f"a share >= {args.used_share:g} of the crafted alignment, and "
                           f"{row['inactive_with_unused_share']:.2f} of the others carry less")
         print("Recall of the active poisons (those beyond every clean removal) per score:")
         print_table({name: row for name, row in summary.items() if "poisons_beyond_clean" in row},
@@ -563,7 +577,8 @@ def main() -> None:
         print_table(summary, CANDIDATES)
     _common.print_json({
         "benchmark": "poison_recall", "quick": args.quick, "seeds": seeds, "candidates": args.candidates,
-        "datasets": datasets, "machine": _common.machine(),
+        "datasets": datasets, "matching": args.matching, "used_share": args.used_share,
+        "leave_one_out": args.leave_one_out, "random_control": args.random_control, "machine": _common.machine(),
         "summary": summary, "alignment_share_histograms": histograms, "seconds": time.perf_counter() - started,
         "runs": {f"{dataset}/{seed}": results for (dataset, seed), results in runs.items()},
     })

@@ -365,7 +365,7 @@ class CleanLabelMethod(str, Enum):
 
 
 class BaseSelection(str, Enum):
-    """How :func:`plant_clean_label_attack` picks the training examples it perturbs.
+    """The rule by which :func:`plant_clean_label_attack` picks the training examples it perturbs.
 
     ``NEAREST`` takes the attacker-class examples closest to the target in
     input space. ``LARGEST_GRADIENT`` takes those whose loss has the largest
@@ -558,12 +558,18 @@ def alignment_shares(
         float64 ``(P,)`` shares that sum to 1.
 
     Raises:
-        ValueError: if the summed alignment is not positive, so shares mean nothing.
+        ValueError: on invalid shapes, values or class, or if the summed
+            alignment is not positive, so shares mean nothing.
     """
     target = np.asarray(target_x, np.float32)
     poisons = np.asarray(poisons, np.float32)
     if poisons.ndim != target.ndim + 1 or poisons.shape[1:] != target.shape or len(poisons) == 0:
-        raise ValueError(f"poisons must have shape (P, *{target.shape}) with P >= 1, got {poisons.shape}")
+        raise ValueError(
+            f"poisons must have shape (P, *target_x.shape) = (P, *{target.shape}) with P >= 1, got {poisons.shape}"
+        )
+    if not (np.all(np.isfinite(target)) and np.all(np.isfinite(poisons))):
+        raise ValueError("target_x or poisons contain NaN or infinite values")
+    _validate_class(attacker_class, _infer_num_classes(apply, params, target.shape))
     terms = np.asarray(_alignment_terms(apply, params, jnp.asarray(target), jnp.asarray(poisons), attacker_class),
                        np.float64)
     total = terms.sum()
@@ -630,7 +636,10 @@ def plant_clean_label_attack(
     poisons whose :func:`alignment_shares` under ``clean_params`` reach it.
     The others stay clean: their gradient under the attacker's model is near
     zero, so the crafting did not use them, and planting them would only
-    leave more modified images to be found.
+    leave more modified images to be found. Two cases plant more. The poison
+    with the largest share is always planted, even when its share is below
+    the threshold. When the shares are undefined (the summed alignment is
+    not positive), every poison is planted.
 
     Args:
         method: :class:`CleanLabelMethod`. Feature collision needs ``embed``.
@@ -648,26 +657,30 @@ def plant_clean_label_attack(
             that counts as success, in ``(0, 1]``.
         clip: valid input range.
         bases: :class:`BaseSelection`, how the perturbed examples are chosen.
-        min_alignment_share: for gradient matching, the smallest share of
-            the crafted alignment that a planted poison carries, in
+        min_alignment_share: for gradient matching, the share of the
+            crafted alignment below which a poison is not planted, in
             ``[0, 1)``. 0 plants every poison.
 
     Returns:
         An :class:`AttackOutcome`; ``poisoned_y`` equals ``train_y``.
     """
     method = CleanLabelMethod(method)
+    if bases not in [selection.value for selection in BaseSelection]:
+        choices = ", ".join(selection.value for selection in BaseSelection)
+        raise ValueError(f"bases must be one of {choices}, got {bases!r}")
     bases = BaseSelection(bases)
     train_x = np.asarray(train_x)
     train_y = np.asarray(train_y)
     target = np.asarray(target_x, dtype=np.float32)
     _validate_training_set(train_x, train_y, target)
     _validate_at_least("num_poisons", num_poisons, 1)
+    _validate_class(attacker_class, _infer_num_classes(apply, clean_params, target.shape))
     if not 0.0 < confidence_threshold <= 1.0:
         raise ValueError(f"confidence_threshold must be in (0, 1], got {confidence_threshold}")
     if method is CleanLabelMethod.FEATURE_COLLISION and embed is None:
         raise ValueError("feature collision needs embed(params, x) -> features")
-    if not 0.0 <= min_alignment_share < 1.0:
-        raise ValueError(f"min_alignment_share must be in [0, 1), got {min_alignment_share}")
+    if not isinstance(min_alignment_share, (int, float)) or not 0.0 <= min_alignment_share < 1.0:
+        raise ValueError(f"min_alignment_share must be a number in [0, 1), got {min_alignment_share!r}")
     if min_alignment_share > 0.0 and method is not CleanLabelMethod.GRADIENT_MATCHING:
         raise ValueError("min_alignment_share applies to gradient matching only")
 

@@ -337,7 +337,7 @@ def test_clean_label_attack_perturbs_the_selected_bases(blobs, target, linear_pa
     )
     untouched = np.setdiff1d(np.arange(len(train_x)), outcome.poison_indices)
     np.testing.assert_array_equal(outcome.poisoned_x[untouched], train_x[untouched])
-    with pytest.raises(ValueError, match="is not a valid BaseSelection"):
+    with pytest.raises(ValueError, match="bases must be one of nearest, largest-gradient, got 'random'"):
         plant_clean_label_attack(
             CleanLabelMethod.GRADIENT_MATCHING, train_linear, linear_apply, params, train_x, train_y, target, 1,
             num_poisons=4, epsilon=0.05, steps=5, bases="random",
@@ -370,8 +370,23 @@ def test_alignment_shares_refuse_a_sum_without_alignment(blobs, target, linear_p
 
     with pytest.raises(ValueError, match="does not point along"):
         alignment_shares(linear_apply, saturated, target, 1, train_x[train_y == 1][:4])
-    with pytest.raises(ValueError, match="poisons must have shape"):
-        alignment_shares(linear_apply, linear_params, target, 1, train_x[:0])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"poisons": np.zeros((0, *INPUT_SHAPE), np.float32)}, "poisons must have shape"),
+        ({"poisons": np.full((2, *INPUT_SHAPE), np.nan, np.float32)}, "NaN or infinite"),
+        ({"attacker_class": NUM_CLASSES}, "attacker_class"),
+        ({"attacker_class": -1}, "attacker_class"),
+    ],
+)
+def test_alignment_shares_check_arguments(blobs, target, linear_params, change, message):
+    train_x, train_y = blobs
+    arguments = {"target_x": target, "attacker_class": 1, "poisons": train_x[train_y == 1][:3], **change}
+
+    with pytest.raises(ValueError, match=message):
+        alignment_shares(linear_apply, linear_params, **arguments)
 
 
 def test_clean_label_attack_plants_used_poisons(blobs, target, linear_params):
@@ -392,11 +407,39 @@ def test_clean_label_attack_plants_used_poisons(blobs, target, linear_params):
     np.testing.assert_array_equal(pruned.poisoned_x[restored], train_x[restored])
 
 
+def test_clean_label_attack_keeps_the_largest_share(blobs, target, linear_params):
+    train_x, train_y = blobs
+    arguments = (CleanLabelMethod.GRADIENT_MATCHING, train_linear, linear_apply, linear_params, train_x, train_y,
+                 target, 1)
+    every = plant_clean_label_attack(*arguments, num_poisons=8, epsilon=0.05, steps=5)
+    shares = alignment_shares(linear_apply, linear_params, target, 1, every.poisoned_x[every.poison_indices])
+    assert shares.max() < 0.99
+
+    pruned = plant_clean_label_attack(*arguments, num_poisons=8, epsilon=0.05, steps=5, min_alignment_share=0.99)
+
+    np.testing.assert_array_equal(pruned.poison_indices, every.poison_indices[[np.argmax(shares)]])
+
+
+def test_clean_label_attack_plants_all_without_alignment(blobs, target, linear_params):
+    train_x, train_y = blobs
+    # Saturated logits give every class-1 example a zero gradient, so shares are undefined.
+    saturated = jax.tree.map(lambda leaf: leaf * 1e4, linear_params)
+
+    outcome = plant_clean_label_attack(
+        CleanLabelMethod.GRADIENT_MATCHING, train_linear, linear_apply, saturated, train_x, train_y, target, 1,
+        num_poisons=4, epsilon=0.05, steps=5, min_alignment_share=0.5,
+    )
+
+    assert len(outcome.poison_indices) == 4
+
+
 @pytest.mark.parametrize(
     ("method", "share", "message"),
     [
-        (CleanLabelMethod.GRADIENT_MATCHING, 1.0, r"must be in \[0, 1\)"),
-        (CleanLabelMethod.GRADIENT_MATCHING, -0.1, r"must be in \[0, 1\)"),
+        (CleanLabelMethod.GRADIENT_MATCHING, 1.0, r"must be a number in \[0, 1\)"),
+        (CleanLabelMethod.GRADIENT_MATCHING, -0.1, r"must be a number in \[0, 1\)"),
+        (CleanLabelMethod.GRADIENT_MATCHING, float("nan"), r"must be a number in \[0, 1\)"),
+        (CleanLabelMethod.GRADIENT_MATCHING, "0.1", r"must be a number in \[0, 1\)"),
         (CleanLabelMethod.FEATURE_COLLISION, 0.1, "gradient matching only"),
     ],
 )
@@ -405,6 +448,14 @@ def test_clean_label_attack_checks_min_alignment_share(blobs, target, linear_par
         plant_clean_label_attack(
             method, train_linear, linear_apply, linear_params, *blobs, target, 1, num_poisons=2, epsilon=0.05,
             embed=lambda params, x: x.reshape(x.shape[0], -1), min_alignment_share=share,
+        )
+
+
+def test_clean_label_attack_checks_attacker_class(blobs, target, linear_params):
+    with pytest.raises(ValueError, match=r"attacker_class must be in \[0, 3\), got 7"):
+        plant_clean_label_attack(
+            CleanLabelMethod.GRADIENT_MATCHING, train_linear, linear_apply, linear_params, *blobs, target, 7,
+            num_poisons=2, epsilon=0.05,
         )
 
 
