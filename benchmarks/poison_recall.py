@@ -277,11 +277,12 @@ def run_seed(dataset, seed, candidates=False, leave_one_out=False, random_contro
     rows["feature-collision"] = (outcome, full_loss, lambda path: "2" in path)
 
     for variant in matching:
-        settings = MATCHING_VARIANTS[variant]
+        variant_settings = MATCHING_VARIANTS[variant]
         outcome = plant_clean_label_attack(
             CleanLabelMethod.GRADIENT_MATCHING, train_full, _common.mlp_apply, clean, train_x, train_y, target,
-            attacker, num_poisons=MATCHING_POISONS, epsilon=MATCHING_EPSILON, steps=200, bases=settings["bases"],
-            min_alignment_share=used_share if settings["used_only"] else 0.0,
+            attacker, num_poisons=MATCHING_POISONS, epsilon=MATCHING_EPSILON, steps=200,
+            bases=variant_settings["bases"],
+            min_alignment_share=used_share if variant_settings["used_only"] else 0.0,
         )
         rows[variant] = (outcome, full_loss, None)
     random_flip = random_control_flips(train_full, train_x, train_y, target, attacker, seed) if random_control else None
@@ -316,7 +317,9 @@ def run_seed(dataset, seed, candidates=False, leave_one_out=False, random_contro
                 entry.update(poison_removal_effects(train_full, outcome, target, true_label, raw, rng))
                 beyond_clean = np.asarray(entry["removal_effects"]) < -entry["clean_removal_max_effect"]
                 helping = outcome.poison_indices[beyond_clean]
-                if entry["alignment_shares"] is not None:
+                # Rows of used poisons record shares among the planted ones only,
+                # so the comparison with crafting-time shares needs every crafted image.
+                if entry["alignment_shares"] is not None and not MATCHING_VARIANTS[attack]["used_only"]:
                     used = np.asarray(entry["alignment_shares"]) >= used_share
                     entry["active_with_used_share"] = float(np.mean(used[beyond_clean])) if beyond_clean.any() else 1.0
                     entry["inactive_with_unused_share"] = (
@@ -509,13 +512,13 @@ def main() -> None:
                         help="gradient-matching variants to plant, one table row each (default: %(default)s)")
     parser.add_argument("--used-share", type=float, default=USED_SHARE,
                         help="smallest share of the crafted alignment that a poison of the '-used' rows carries, "
-                             "in [0, 1) (default %(default)g)")
+                             "in (0, 1) (default %(default)g)")
     parser.add_argument("--random-control", action="store_true",
                         help="also retrain with the gradient-matching bases perturbed at random (same budget) "
                              "and report how often that flips the target")
     args = parser.parse_args()
-    if not 0.0 <= args.used_share < 1.0:
-        parser.error(f"--used-share must be in [0, 1), got {args.used_share}")
+    if not 0.0 < args.used_share < 1.0:
+        parser.error(f"--used-share must be in (0, 1), got {args.used_share}")
     if args.random_control and "gradient-matching" not in args.matching:
         parser.error("--random-control perturbs the bases of the gradient-matching row; add it to --matching")
     datasets = args.datasets or (["digits"] if args.quick else ["digits", "mnist"])

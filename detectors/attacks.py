@@ -335,6 +335,8 @@ def _validate_training_set(train_x: np.ndarray, train_y: np.ndarray, target: np.
         raise ValueError(
             f"target_x must have the shape of one training input {train_x.shape[1:]}, got {target.shape}"
         )
+    if not np.all(np.isfinite(train_x)):
+        raise ValueError("train_x contains NaN or infinite values")
 
 
 def _validate_at_least(name: str, value: int, minimum: int) -> None:
@@ -659,7 +661,7 @@ def plant_clean_label_attack(
         bases: :class:`BaseSelection`, how the perturbed examples are chosen.
         min_alignment_share: for gradient matching, the share of the
             crafted alignment below which a poison is not planted, in
-            ``[0, 1)``. 0 plants every poison.
+            ``[0, 1)``, with the two exceptions above. 0 plants every poison.
 
     Returns:
         An :class:`AttackOutcome`; ``poisoned_y`` equals ``train_y``.
@@ -679,7 +681,8 @@ def plant_clean_label_attack(
         raise ValueError(f"confidence_threshold must be in (0, 1], got {confidence_threshold}")
     if method is CleanLabelMethod.FEATURE_COLLISION and embed is None:
         raise ValueError("feature collision needs embed(params, x) -> features")
-    if not isinstance(min_alignment_share, (int, float)) or not 0.0 <= min_alignment_share < 1.0:
+    if (isinstance(min_alignment_share, bool) or not isinstance(min_alignment_share, (int, float, np.integer, np.floating))
+            or not 0.0 <= min_alignment_share < 1.0):
         raise ValueError(f"min_alignment_share must be a number in [0, 1), got {min_alignment_share!r}")
     if min_alignment_share > 0.0 and method is not CleanLabelMethod.GRADIENT_MATCHING:
         raise ValueError("min_alignment_share applies to gradient matching only")
@@ -707,12 +710,14 @@ def plant_clean_label_attack(
 
 def _used_poisons(apply, params, target, attacker_class, rows, poisons, min_share):
     """Keep the poisons whose alignment share reaches ``min_share``, or all of them if shares mean nothing."""
-    try:
-        shares = alignment_shares(apply, params, target, attacker_class, poisons)
-    except ValueError:
+    terms = np.asarray(_alignment_terms(apply, params, jnp.asarray(target), jnp.asarray(poisons), attacker_class),
+                       np.float64)
+    total = terms.sum()
+    if not total > 0.0:
         # The crafting found no alignment at all. No share then separates used
         # poisons from unused ones, and retraining will report the attack as failed.
         return rows, poisons
+    shares = terms / total
     used = shares >= min_share
     # The largest share is at least 1 / P, so with min_share above that an
     # attack could prune every poison. It keeps the largest one instead.

@@ -440,6 +440,7 @@ def test_clean_label_attack_plants_all_without_alignment(blobs, target, linear_p
         (CleanLabelMethod.GRADIENT_MATCHING, -0.1, r"must be a number in \[0, 1\)"),
         (CleanLabelMethod.GRADIENT_MATCHING, float("nan"), r"must be a number in \[0, 1\)"),
         (CleanLabelMethod.GRADIENT_MATCHING, "0.1", r"must be a number in \[0, 1\)"),
+        (CleanLabelMethod.GRADIENT_MATCHING, np.float32(1.5), r"must be a number in \[0, 1\)"),
         (CleanLabelMethod.FEATURE_COLLISION, 0.1, "gradient matching only"),
     ],
 )
@@ -448,6 +449,27 @@ def test_clean_label_attack_checks_min_alignment_share(blobs, target, linear_par
         plant_clean_label_attack(
             method, train_linear, linear_apply, linear_params, *blobs, target, 1, num_poisons=2, epsilon=0.05,
             embed=lambda params, x: x.reshape(x.shape[0], -1), min_alignment_share=share,
+        )
+
+
+def test_clean_label_attack_accepts_numpy_share(blobs, target, linear_params):
+    outcome = plant_clean_label_attack(
+        CleanLabelMethod.GRADIENT_MATCHING, train_linear, linear_apply, linear_params, *blobs, target, 1,
+        num_poisons=4, epsilon=0.05, steps=5, min_alignment_share=np.float32(0.01),
+    )
+
+    assert 1 <= len(outcome.poison_indices) <= 4
+
+
+def test_clean_label_attack_rejects_nan_training_input(blobs, target, linear_params):
+    train_x, train_y = blobs
+    broken = train_x.copy()
+    broken[np.flatnonzero(train_y == 1)[0], 0, 0] = np.nan
+
+    with pytest.raises(ValueError, match="train_x contains NaN or infinite values"):
+        plant_clean_label_attack(
+            CleanLabelMethod.GRADIENT_MATCHING, train_linear, linear_apply, linear_params, broken, train_y, target,
+            1, num_poisons=2, epsilon=0.05,
         )
 
 
