@@ -23,6 +23,9 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from detectors.influence import incident_gradient, score_training_examples
+from detectors.ranking import example_gradient_norms
+
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
 TrainFn = Callable[[np.ndarray, np.ndarray], Params]
@@ -405,20 +408,27 @@ def largest_gradient_bases(
         raise ValueError(
             f"num_poisons={count} exceeds the {len(candidates)} training examples of class {attacker_class}"
         )
-    norms = np.asarray(_gradient_norms(apply, params, jnp.asarray(train_x[candidates], jnp.float32), attacker_class))
+    inputs = np.asarray(train_x[candidates], np.float32)
+    norms = example_gradient_norms(_cross_entropy_loss(apply), params, inputs, np.asarray(train_y[candidates]))
     return np.sort(candidates[np.argsort(-norms, kind="stable")[:count]]).astype(np.int64)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _gradient_norms(apply: ApplyFn, params: Params, x: jax.Array, label: int) -> jax.Array:
-    def loss(p, example):
-        logits = apply(p, example[None])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full((1,), label))[0]
+@functools.lru_cache(maxsize=32)
+def _cross_entropy_loss(apply: ApplyFn):
+    """Build the per-example cross-entropy of ``apply``, one object per ``apply`` so jitted helpers compile once."""
 
-    def norm(example):
-        return optax.tree.norm(jax.grad(loss)(params, example))
+    def loss(params, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(apply(params, x), y)
 
-    return jax.lax.map(norm, x, batch_size=256)
+    return loss
+
+
+def _alignment_terms(apply: ApplyFn, params: Params, target: np.ndarray, label: int, poisons: np.ndarray) -> np.ndarray:
+    """Return ``g_i . g_t`` for every poison, up to one common positive factor, in float64."""
+    loss = _cross_entropy_loss(apply)
+    labels = np.full(len(poisons), label, dtype=np.int32)
+    target_gradient = incident_gradient(loss, params, target, np.int32(label))
+    return np.asarray(score_training_examples(loss, params, target_gradient, poisons, labels), np.float64)
 
 
 def craft_feature_collision_poisons(
@@ -572,8 +582,7 @@ def alignment_shares(
     if not (np.all(np.isfinite(target)) and np.all(np.isfinite(poisons))):
         raise ValueError("target_x or poisons contain NaN or infinite values")
     _validate_class(attacker_class, _infer_num_classes(apply, params, target.shape))
-    terms = np.asarray(_alignment_terms(apply, params, jnp.asarray(target), jnp.asarray(poisons), attacker_class),
-                       np.float64)
+    terms = _alignment_terms(apply, params, target, attacker_class, poisons)
     total = terms.sum()
     if not total > 0.0:
         raise ValueError(
@@ -581,19 +590,6 @@ def alignment_shares(
             "so shares are undefined"
         )
     return terms / total
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _alignment_terms(apply: ApplyFn, params: Params, target: jax.Array, poisons: jax.Array, label: int) -> jax.Array:
-    def gradient(example):
-        def loss(p):
-            logits = apply(p, example[None])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full((1,), label))[0]
-
-        return ravel_pytree(jax.grad(loss)(params))[0]
-
-    target_gradient = gradient(target)
-    return jax.lax.map(lambda example: gradient(example) @ target_gradient, poisons, batch_size=256)
 
 
 def _build_matching(apply: ApplyFn, *, steps: int, low: float, high: float):
@@ -710,8 +706,7 @@ def plant_clean_label_attack(
 
 def _used_poisons(apply, params, target, attacker_class, rows, poisons, min_share):
     """Keep the poisons whose alignment share reaches ``min_share``, or all of them if shares mean nothing."""
-    terms = np.asarray(_alignment_terms(apply, params, jnp.asarray(target), jnp.asarray(poisons), attacker_class),
-                       np.float64)
+    terms = _alignment_terms(apply, params, target, attacker_class, poisons)
     total = terms.sum()
     if not total > 0.0:
         # The crafting found no alignment at all. No share then separates used

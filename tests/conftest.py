@@ -194,6 +194,17 @@ class ServeProcess:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
+def wait_for_incident_state(client: httpx.Client, state: str, timeout: float = 60.0) -> str | None:
+    """Poll ``/v1/incidents`` until the first incident is in ``state``, and return the last state seen."""
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline and seen != state:
+        incidents = client.get("/v1/incidents").json()
+        seen = incidents[0]["state"] if incidents else None
+        time.sleep(0.2)
+    return seen
+
+
 def toy_prediction(prediction_id: str, *, predicted_class: int = 0) -> dict:
     probabilities = [0.02, 0.02, 0.02]
     probabilities[predicted_class] = 0.96

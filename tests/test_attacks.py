@@ -389,16 +389,28 @@ def test_alignment_shares_check_arguments(blobs, target, linear_params, change, 
         alignment_shares(linear_apply, linear_params, **arguments)
 
 
-def test_clean_label_attack_plants_used_poisons(blobs, target, linear_params):
-    train_x, train_y = blobs
-    arguments = (CleanLabelMethod.GRADIENT_MATCHING, train_linear, linear_apply, linear_params, train_x, train_y,
-                 target, 1)
-    every = plant_clean_label_attack(*arguments, num_poisons=8, epsilon=0.05, steps=5)
-    all_shares = alignment_shares(linear_apply, linear_params, target, 1, every.poisoned_x[every.poison_indices])
+def plant_matching(blobs, target, params, **options):
+    """Plant an 8-poison gradient-matching attack on the blobs, for class 1."""
+    return plant_clean_label_attack(
+        CleanLabelMethod.GRADIENT_MATCHING, train_linear, linear_apply, params, *blobs, target, 1,
+        num_poisons=8, epsilon=0.05, steps=5, **options,
+    )
+
+
+@pytest.fixture(scope="module")
+def every_poison(blobs, target, linear_params):
+    """The attack with every crafted poison planted, and each poison's alignment share."""
+    outcome = plant_matching(blobs, target, linear_params)
+    shares = alignment_shares(linear_apply, linear_params, target, 1, outcome.poisoned_x[outcome.poison_indices])
+    return outcome, shares
+
+
+def test_clean_label_attack_plants_used_poisons(blobs, target, linear_params, every_poison):
+    train_x, _ = blobs
+    every, all_shares = every_poison
     threshold = float(np.sort(all_shares)[3])  # between the 4th and 5th smallest share, so some are pruned
 
-    pruned = plant_clean_label_attack(*arguments, num_poisons=8, epsilon=0.05, steps=5,
-                                      min_alignment_share=threshold)
+    pruned = plant_matching(blobs, target, linear_params, min_alignment_share=threshold)
 
     np.testing.assert_array_equal(pruned.poison_indices, every.poison_indices[all_shares >= threshold])
     assert 0 < len(pruned.poison_indices) < 8
@@ -407,15 +419,11 @@ def test_clean_label_attack_plants_used_poisons(blobs, target, linear_params):
     np.testing.assert_array_equal(pruned.poisoned_x[restored], train_x[restored])
 
 
-def test_clean_label_attack_keeps_the_largest_share(blobs, target, linear_params):
-    train_x, train_y = blobs
-    arguments = (CleanLabelMethod.GRADIENT_MATCHING, train_linear, linear_apply, linear_params, train_x, train_y,
-                 target, 1)
-    every = plant_clean_label_attack(*arguments, num_poisons=8, epsilon=0.05, steps=5)
-    shares = alignment_shares(linear_apply, linear_params, target, 1, every.poisoned_x[every.poison_indices])
+def test_clean_label_attack_keeps_the_largest_share(blobs, target, linear_params, every_poison):
+    every, shares = every_poison
     assert shares.max() < 0.99
 
-    pruned = plant_clean_label_attack(*arguments, num_poisons=8, epsilon=0.05, steps=5, min_alignment_share=0.99)
+    pruned = plant_matching(blobs, target, linear_params, min_alignment_share=0.99)
 
     np.testing.assert_array_equal(pruned.poison_indices, every.poison_indices[[np.argmax(shares)]])
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from unittest import mock
 
 import httpx
@@ -20,6 +19,7 @@ from monitor.errors import DatabaseNotMigratedError
 from storage.db import create_db_engine
 from storage.models import ReleaseCheck
 from tests import toy_model
+from tests.conftest import wait_for_incident_state
 
 MODEL = "toy"
 
@@ -180,12 +180,7 @@ def test_scheduler_analyzes_without_help(migrated_url):
     try:
         with httpx.Client(base_url=daemon.base_url) as client:
             post_misclassification(client)
-            deadline = time.monotonic() + 60
-            state = None
-            while time.monotonic() < deadline and state != "analyzed":
-                incidents = client.get("/v1/incidents").json()
-                state = incidents[0]["state"] if incidents else None
-                time.sleep(0.2)
+            state = wait_for_incident_state(client, "analyzed")
             metrics = client.get("/metrics").text
     finally:
         daemon.stop()
@@ -217,16 +212,20 @@ def test_parameter_subset_limits_factors(migrated_url):
     assert detail["solver"]["method"] == "factors"
 
 
-def test_incidents_command_rejects_missing_database(tmp_path):
-    config = tmp_path / "poisonwatch.toml"
-    database = tmp_path / "absent.db"
-    config.write_text(f'[database]\nurl = "sqlite:///{database}"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "monitor.cli", "incidents", "list", "--config", str(config)],
+def run_incidents_command(config, *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "monitor.cli", "incidents", *arguments, "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_incidents_command_rejects_missing_database(tmp_path):
+    config = tmp_path / "poisonwatch.toml"
+    database = tmp_path / "absent.db"
+    config.write_text(f'[database]\nurl = "sqlite:///{database}"\n')
+    result = run_incidents_command(config, "list")
     assert result.returncode == 2
     assert "absent.db not found" in result.stderr
     assert "Traceback" not in result.stderr
@@ -237,12 +236,7 @@ def test_incidents_command_rejects_unmigrated_database(sqlite_url, tmp_path):
     create_db_engine(sqlite_url).connect().close()
     config = tmp_path / "poisonwatch.toml"
     config.write_text(f'[database]\nurl = "{sqlite_url}"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "monitor.cli", "incidents", "show", "1", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_incidents_command(config, "show", "1")
     assert result.returncode == 2
     assert "poisonwatch db upgrade" in result.stderr
     assert "Traceback" not in result.stderr

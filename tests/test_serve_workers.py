@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import time
 
 import httpx
 
 from storage import migrations
-from tests.conftest import TOY_MODEL, ServeProcess, free_port, toy_prediction, write_toy_config
+from tests.conftest import (
+    TOY_MODEL,
+    ServeProcess,
+    free_port,
+    toy_prediction,
+    wait_for_incident_state,
+    write_toy_config,
+)
 
 WORKERS = 2
 SCRAPES = 5
@@ -28,12 +34,7 @@ def test_workers_share_database_and_metrics(sqlite_url, tmp_path):
         with httpx.Client(base_url=server.base_url, timeout=10.0) as client:
             client.post(f"/v1/models/{TOY_MODEL}/predictions", json={"predictions": [toy_prediction("p-1")]}).raise_for_status()
             client.post(f"/v1/models/{TOY_MODEL}/labels", json={"labels": [{"prediction_id": "p-1", "label": 2}]}).raise_for_status()
-            deadline = time.monotonic() + 60
-            state = None
-            while time.monotonic() < deadline and state != "analyzed":
-                incidents = client.get("/v1/incidents").json()
-                state = incidents[0]["state"] if incidents else None
-                time.sleep(0.2)
+            state = wait_for_incident_state(client, "analyzed")
             scrapes = [client.get("/metrics").text for _ in range(SCRAPES)]
     finally:
         exit_code = server.terminate()
