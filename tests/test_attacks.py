@@ -303,7 +303,7 @@ def test_clean_label_keeps_labels_and_size(blobs, target):
     assert isinstance(outcome.succeeded, bool)
 
 
-def test_largest_gradient_bases_match_a_loop_over_examples(blobs, linear_params):
+def test_largest_gradient_bases_match_loop(blobs, linear_params):
     train_x, train_y = blobs
     params = linear_params
 
@@ -324,7 +324,7 @@ def test_largest_gradient_bases_match_a_loop_over_examples(blobs, linear_params)
         largest_gradient_bases(linear_apply, params, train_x, train_y, 2, len(candidates) + 1)
 
 
-def test_clean_label_attack_perturbs_the_selected_bases(blobs, target, linear_params):
+def test_clean_label_attack_uses_selected_bases(blobs, target, linear_params):
     train_x, train_y = blobs
     params = linear_params
     outcome = plant_clean_label_attack(
@@ -363,7 +363,7 @@ def test_alignment_shares_match_a_loop(blobs, target, linear_params):
     assert shares.sum() == pytest.approx(1.0)
 
 
-def test_alignment_shares_refuse_a_sum_without_alignment(blobs, target, linear_params):
+def test_alignment_shares_reject_zero_alignment(blobs, target, linear_params):
     train_x, train_y = blobs
     # Saturated logits: every class-1 example has exactly zero gradient.
     saturated = jax.tree.map(lambda leaf: leaf * 1e4, linear_params)
