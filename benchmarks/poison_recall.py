@@ -36,13 +36,14 @@ Four options investigate gradient matching. ``--matching`` picks the
 variants above. ``--candidates`` ranks every successful attack by further
 candidate scores side by side (Gauss-Newton Hessian, damping 0.1 and 1,
 the plain gradient direction, the loss of the predicted class, the margin of
-the true over the predicted class, influence over the last layer, and the
-gradient similarity summed over 10 checkpoints of the victim's training,
-TracIn). ``--leave-one-out`` retrains without each
-gradient-matching poison, and without 10 clean rows for scale, to find the
-poisons that actually moved the target, and then retrains with only those
-poisons and with only the others. ``--random-control`` retrains with
-the bases perturbed at random within the same budget.
+the true over the predicted class, two milder normalisations of raw
+influence, influence over the last layer, and the gradient similarity
+summed over 10 checkpoints of the victim's training, TracIn).
+``--leave-one-out`` retrains without each gradient-matching poison, and
+without 10 clean rows for scale, to find the poisons that actually moved
+the target, and then retrains with only those poisons and with only the
+others. ``--random-control`` retrains with the bases perturbed at random
+within the same budget.
 
     .venv/bin/python benchmarks/poison_recall.py            # 10 seeds, about 7 minutes on 2 cores
     .venv/bin/python benchmarks/poison_recall.py --quick    # 2 seeds, digits only
@@ -81,6 +82,7 @@ from detectors.influence import (
     top_k,
 )
 from detectors.ranking import (
+    NORMALIZER_FLOOR,
     ScoreKind,
     aggregate_by_source,
     example_gradient_norms,
@@ -203,8 +205,13 @@ def recall_figures(name, scores, poison_rows):
 def candidate_scores(view, raw_true, normalisers):
     """Compute the candidate scores of one successful attack, most negative first, keyed by name.
 
-    Every candidate except ``relative-*`` is divided by the gradient norms, the
-    default normaliser. ``view`` contains the model and incident of the attack.
+    Every candidate except ``relative-*``, ``half-norm`` and ``median-floor``
+    is divided by the gradient norms, the default normaliser. ``half-norm``
+    divides raw influence by the square root of the gradient norm, half way
+    between raw and ``gradient-norm``. ``median-floor`` divides it by the
+    larger of the gradient norm and the median gradient norm. Examples with a
+    gradient smaller than the median are then not lifted above the rest.
+    ``view`` contains the model and incident of the attack.
     """
     loss, params, x, y = view["loss"], view["params"], view["x"], view["y"]
     target_x, true_label, predicted = view["target_x"], view["true_label"], view["predicted"]
@@ -219,6 +226,7 @@ def candidate_scores(view, raw_true, normalisers):
     # Removing a poison raises the loss of the predicted (attacker's) class, so
     # that view's scores are negated to keep "most negative first".
     raw_predicted = -solve(predicted)
+    norms = np.asarray(normalisers["gradient_norms"], np.float64)
     gradient = incident_gradient(loss, params, target_x, true_label)
     candidates = {
         "gauss-newton": divide(solve(true_label, hessian="gauss-newton", apply=view["apply"])),
@@ -228,6 +236,8 @@ def candidate_scores(view, raw_true, normalisers):
         "predicted-label": divide(raw_predicted),
         "margin": divide(raw_true + raw_predicted),
         "relative-margin": divide(raw_true + raw_predicted, ScoreKind.RELATIVE),
+        "half-norm": raw_true / np.sqrt(np.maximum(norms, NORMALIZER_FLOOR)),
+        "median-floor": raw_true / np.maximum(norms, np.median(norms)),
     }
     if view["checkpoints"] is not None:
         candidates["checkpoints"] = checkpoint_similarity(loss, view["checkpoints"], x, y, target_x, true_label)
@@ -485,7 +495,7 @@ def summarise(runs):
 
 
 CANDIDATES = ["gauss-newton", "damping-0.1", "damping-1", "gradient-cosine", "predicted-label", "margin",
-              "relative-margin", "last-layer", "checkpoints"]
+              "relative-margin", "half-norm", "median-floor", "last-layer", "checkpoints"]
 
 
 def print_table(summary, names):
@@ -502,7 +512,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10, help="seeds per data set (default 10)")
     parser.add_argument("--candidates", action="store_true",
                         help="also rank by the candidate scores (Gauss-Newton, more damping, predicted-label "
-                             "and margin views, last layer, training checkpoints) and print their recall in a second table")
+                             "and margin views, milder normalisations, last layer, training checkpoints) and print "
+                             "their recall in a second table")
     parser.add_argument("--datasets", nargs="+", choices=sorted(SETTINGS), default=None,
                         help="data sets to run (default: digits with --quick, otherwise digits and mnist)")
     parser.add_argument("--leave-one-out", action="store_true",
