@@ -82,7 +82,6 @@ from detectors.influence import (
     top_k,
 )
 from detectors.ranking import (
-    NORMALIZER_FLOOR,
     ScoreKind,
     aggregate_by_source,
     example_gradient_norms,
@@ -226,7 +225,7 @@ def candidate_scores(view, raw_true, normalisers):
     # Removing a poison raises the loss of the predicted (attacker's) class, so
     # that view's scores are negated to keep "most negative first".
     raw_predicted = -solve(predicted)
-    norms = np.asarray(normalisers["gradient_norms"], np.float64)
+    gradient_norms = np.asarray(normalisers["gradient_norms"], np.float64)
     gradient = incident_gradient(loss, params, target_x, true_label)
     candidates = {
         "gauss-newton": divide(solve(true_label, hessian="gauss-newton", apply=view["apply"])),
@@ -236,8 +235,9 @@ def candidate_scores(view, raw_true, normalisers):
         "predicted-label": divide(raw_predicted),
         "margin": divide(raw_true + raw_predicted),
         "relative-margin": divide(raw_true + raw_predicted, ScoreKind.RELATIVE),
-        "half-norm": raw_true / np.sqrt(np.maximum(norms, NORMALIZER_FLOOR)),
-        "median-floor": raw_true / np.maximum(norms, np.median(norms)),
+        "half-norm": normalize_scores(raw_true, ScoreKind.GRADIENT_NORM, gradient_norms=np.sqrt(gradient_norms)),
+        "median-floor": normalize_scores(raw_true, ScoreKind.GRADIENT_NORM,
+                                         gradient_norms=np.maximum(gradient_norms, np.median(gradient_norms))),
     }
     if view["checkpoints"] is not None:
         candidates["checkpoints"] = checkpoint_similarity(loss, view["checkpoints"], x, y, target_x, true_label)
